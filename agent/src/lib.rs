@@ -1,0 +1,6 @@
+//! gantry-agent: the node agent of Gantry — its container runtime, the per-container shim, and logs.
+#![deny(unsafe_code)]
+
+pub mod logs;
+pub mod runtime;
+pub mod sys;

@@ -1,0 +1,56 @@
+//! `gantry-agent`: the node agent. `gantry-agent shim …` is the per-container shim, which must
+//! be dispatched before anything starts a thread (libcontainer forks and runs Rust code in its
+//! children, which is only sound in a single-threaded process). `gantry-agent ctr …` drives the
+//! runtime directly.
+
+mod ctr;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("shim") => {
+            // Diagnostics only when asked for: the shim stays small and quick to start.
+            if let Some(filter) = std::env::var_os("GANTRY_SHIM_LOG") {
+                tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new(filter.to_string_lossy()))
+                    .with_writer(std::io::stderr)
+                    .init();
+            }
+            let code = gantry_agent::runtime::shim::main(&args[2..]);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Some("ctr") => {
+            let opts = ctr::Ctr::parse_from(
+                std::iter::once("gantry-agent ctr".to_string()).chain(args[2..].iter().cloned()),
+            );
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(err) => {
+                    eprintln!("gantry-agent: starting the async runtime: {err}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(ctr::main(opts)) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(err) => {
+                    eprintln!("gantry-agent ctr: {err:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        _ => {
+            eprintln!(
+                "usage: gantry-agent ctr --help | gantry-agent shim run|exec|delete STATE_DIR"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
