@@ -15,3 +15,13 @@ pub fn async_readable(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // of an `OwnedFd` always returns the same number.
     unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
+
+/// Restores the default action of SIGPIPE. Rust's runtime ignores SIGPIPE, and an ignored signal
+/// stays ignored across `execve`: without this, every container process would inherit it.
+#[allow(unsafe_code)]
+pub fn default_sigpipe() -> nix::Result<()> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: installing SIG_DFL runs no code of ours in signal context, so there is no handler
+    // whose async-signal-safety could be violated.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map(|_| ())
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use gantry_agent::logs::{LogConfig, LogReader, ReadOptions};
 use gantry_agent::runtime::cgroups::Layout;
 use gantry_agent::runtime::spec::{NetworkMode, ProcessSpec, Resources};
-use gantry_agent::runtime::state::RuntimeKind;
+use gantry_agent::runtime::state::{self, ContainerDir, ProcessRecord, RuntimeKind};
 use gantry_agent::runtime::{
     BuiltinRuntime, ContainerSpec, ContainerState, ExecSpec, Runtime, RuntimeConfig, RuntimeError,
 };
@@ -286,33 +286,51 @@ async fn pids_limit_stops_a_fork_bomb() {
         return;
     }
     let env = Env::new("pids");
+    // Within the limit: eight sleeps and the shell.
     let mut spec = env.spec(
-        "pids",
+        "pids-ok",
         &[
             "sh",
             "-c",
-            "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo spawned; sleep 30",
+            "i=0; while [ $i -lt 8 ]; do sleep 30 & i=$((i+1)); done; echo spawned; wait",
         ],
     );
     spec.resources.pids = Some(10);
-    let id = env.run(spec).await;
+    let ok = env.run(spec).await;
     assert!(
         eventually(Duration::from_secs(10), async || env
-            .logs(&id)
+            .logs(&ok)
             .await
             .contains("spawned"))
         .await
     );
-    let stats = env.rt.stats(&id).await.unwrap();
+    let stats = env.rt.stats(&ok).await.unwrap();
     assert_eq!(stats.pids_limit, Some(10));
-    assert!(
-        stats.pids_current <= 10 && stats.pids_current >= 5,
-        "{stats:?}"
+    assert_eq!(stats.pids_current, 9, "{stats:?}");
+    env.rt.stop(&ok, "SIGKILL", Duration::ZERO).await.unwrap();
+
+    // A fork bomb: the eleventh fork fails and the shell gives up.
+    let mut spec = env.spec(
+        "pids-bomb",
+        &[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo spawned-all",
+        ],
     );
-    let logs = env.logs(&id).await;
-    assert!(logs.contains("can't fork"), "{logs}");
-    env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
-    env.rt.delete(&id).await.unwrap();
+    spec.resources.pids = Some(10);
+    let bomb = env.run(spec).await;
+    let exit = env.rt.wait(&bomb).await.unwrap();
+    let logs = env.logs(&bomb).await;
+    assert_eq!(exit.code, 2, "{logs}");
+    assert!(
+        logs.contains("can't fork: Resource temporarily unavailable"),
+        "{logs}"
+    );
+    assert!(!logs.contains("spawned-all"), "{logs}");
+    for id in [ok, bomb] {
+        env.rt.delete(&id).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -747,30 +765,28 @@ async fn containers_survive_agent_kill_and_are_readopted() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let started = eventually(Duration::from_secs(60), async || {
-        let Ok(rt) = BuiltinRuntime::open(config.clone()) else {
-            return false;
-        };
-        let list = rt.list().await.unwrap();
-        list.len() == 20
-            && list
-                .iter()
-                .all(|c| matches!(c.state, ContainerState::Running { .. }))
-    })
-    .await;
-    assert!(started, "20 containers did not start");
-    let pids_before: BTreeMap<String, i32> = {
-        let rt = BuiltinRuntime::open(config.clone()).unwrap();
-        rt.list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|c| match c.state {
-                ContainerState::Running { pid, .. } => (c.id, pid),
-                s => panic!("{s:?}"),
+    // Watch the state directories (the agent holds the runtime lock, as a second agent must not
+    // open the same root) until every container has started.
+    let records = || -> BTreeMap<String, ProcessRecord> {
+        (0..20)
+            .filter_map(|i| {
+                let id = format!("adopt-{i}");
+                let dir = ContainerDir::new(&config.root, &id);
+                let r: Option<ProcessRecord> = state::read_json(&dir.process()).ok().flatten();
+                r.filter(|r| r.started_at.is_some()).map(|r| (id, r))
             })
             .collect()
     };
+    let started = eventually(Duration::from_secs(60), async || records().len() == 20).await;
+    assert!(started, "20 containers did not start");
+    assert!(
+        BuiltinRuntime::open(config.clone()).is_err(),
+        "a second agent must not open a state root in use"
+    );
+    let pids_before: BTreeMap<String, i32> = records()
+        .into_iter()
+        .map(|(id, r)| (id, r.init.pid))
+        .collect();
     // kill -9 the agent.
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&agent),

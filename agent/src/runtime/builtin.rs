@@ -16,6 +16,7 @@ use rustix::process::{Signal, WaitId, WaitIdOptions, pidfd_send_signal, waitid};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::cgroups::{self, CgroupError, CgroupStats, Layout};
+use super::proc::ProcId;
 use super::seccomp::{self, Profile};
 use super::spec::{self, ContainerSpec, ExecSpec, SpecErrors};
 use super::state::{self, ContainerDir, ProcessRecord, RuntimeKind, ShimConfig};
@@ -109,6 +110,9 @@ pub enum RuntimeError {
         /// Why.
         reason: String,
     },
+    /// Another agent holds this state root.
+    #[error("another agent is using the runtime state in {0:?}")]
+    Locked(PathBuf),
     /// A signal name or number that is not known.
     #[error("unknown signal {0:?}")]
     BadSignal(String),
@@ -160,6 +164,8 @@ struct Tracked {
 /// The runtime: one shim per container, libcontainer or an OCI runtime binary inside it.
 pub struct BuiltinRuntime {
     config: RuntimeConfig,
+    /// Held for the runtime's life: one agent per state root.
+    _lock: std::fs::File,
     profile: Profile,
     containers: Mutex<HashMap<String, Arc<Tracked>>>,
 }
@@ -178,6 +184,9 @@ impl BuiltinRuntime {
         let containers_dir = config.root.join("containers");
         std::fs::create_dir_all(&containers_dir)
             .map_err(io_err(format!("creating {containers_dir:?}")))?;
+        let lock_path = config.root.join("runtime.lock");
+        let lock =
+            lock_file(&lock_path)?.ok_or_else(|| RuntimeError::Locked(config.root.clone()))?;
         let created = config.cgroups.prepare()?;
         record_created_cgroups(&config.root, &created)?;
         let profile = match &config.seccomp_profile {
@@ -186,6 +195,7 @@ impl BuiltinRuntime {
         };
         let rt = BuiltinRuntime {
             config,
+            _lock: lock,
             profile,
             containers: Mutex::new(HashMap::new()),
         };
@@ -257,7 +267,21 @@ impl BuiltinRuntime {
             None => (None, None),
         };
         if record.is_none() && !dir.exit().exists() {
-            // Interrupted create: no shim ever reported. Remove what it may have left.
+            if lock_file(&dir.shim_lock())?.is_none() {
+                // A shim holds the directory and is still creating: adopt what it reports.
+                let record = wait_for_record(dir)?;
+                let open =
+                    |p: Option<ProcId>| p.and_then(|p| p.open().ok().flatten()).map(Arc::new);
+                return Ok(Some(Tracked {
+                    dir: dir.clone(),
+                    spec,
+                    shim: open(record.as_ref().map(|r| r.shim)),
+                    init: open(record.as_ref().map(|r| r.init)),
+                    record,
+                    op: Arc::default(),
+                }));
+            }
+            // Interrupted create: no shim holds the directory. Remove what it may have left.
             tracing::info!(id = %spec.id, "removing a container whose create never finished");
             self.run_shim_delete(dir);
             let _ = self.config.cgroups.remove(&spec.id);
@@ -418,13 +442,18 @@ impl BuiltinRuntime {
         // spec.json last: its presence marks a directory worth adopting.
         state::write_json(&dir.spec(), spec).map_err(io_err("writing spec.json"))?;
 
+        std::fs::create_dir_all(dir.logs()).map_err(io_err("creating the log directory"))?;
         let shim_log =
             std::fs::File::create(dir.shim_log()).map_err(io_err("creating shim.log"))?;
+        // The shim's stdin is its lock: an flock taken here and inherited, held for the shim's
+        // whole life, tells a later agent that a shim still owns the directory.
+        let lock =
+            lock_file(&dir.shim_lock())?.ok_or_else(|| RuntimeError::AlreadyExists(id.clone()))?;
         let mut child = tokio::process::Command::new(&self.config.shim_binary)
             .arg("shim")
             .arg("run")
             .arg(dir.path())
-            .stdin(Stdio::null())
+            .stdin(lock)
             .stdout(Stdio::piped())
             .stderr(shim_log)
             .spawn()
@@ -740,6 +769,37 @@ impl Runtime for BuiltinRuntime {
     async fn exec(&self, id: &str, exec: ExecSpec) -> Result<ExecOutput, RuntimeError> {
         self.exec_inner(id, exec).await
     }
+}
+
+/// Opens (creating) `path` and takes an exclusive flock on it without waiting; `None` when
+/// another process holds it.
+fn lock_file(path: &Path) -> Result<Option<std::fs::File>, RuntimeError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(format!("opening {path:?}")))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(io_err(format!("locking {path:?}"))(e.into())),
+    }
+}
+
+/// Waits (up to 30 s) for a shim that is still creating its container to write its record.
+fn wait_for_record(dir: &ContainerDir) -> Result<Option<ProcessRecord>, RuntimeError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let record: Option<ProcessRecord> =
+            state::read_json(&dir.process()).map_err(io_err("reading process.json"))?;
+        if record.is_some() || dir.exit().exists() || lock_file(&dir.shim_lock())?.is_some() {
+            return Ok(record);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(None)
 }
 
 /// File under the runtime root listing the cgroup directories Gantry created.

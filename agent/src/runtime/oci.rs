@@ -248,12 +248,11 @@ pub fn container_resolv_conf(host: &str) -> String {
     let mut out = String::new();
     for line in host.lines() {
         let mut words = line.split_whitespace();
-        if words.next() == Some("nameserver") {
-            if let Some(Ok(ip)) = words.next().map(str::parse::<std::net::IpAddr>) {
-                if ip.is_loopback() {
-                    continue;
-                }
-            }
+        if words.next() == Some("nameserver")
+            && let Some(Ok(ip)) = words.next().map(str::parse::<std::net::IpAddr>)
+            && ip.is_loopback()
+        {
+            continue;
         }
         out.push_str(line);
         out.push('\n');

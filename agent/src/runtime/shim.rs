@@ -10,7 +10,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -109,7 +108,8 @@ fn run(dir: &ContainerDir) -> io::Result<()> {
         .open(dir.start_fifo())?;
     let pid = Pid::from_raw(init_pid).ok_or_else(|| io::Error::other("init pid is zero"))?;
     let init_fd = pidfd_open(pid, PidfdFlags::empty())?;
-    writeln!(ready, "ok {init_pid}")?;
+    // The agent may have died since it asked: the container lives on regardless.
+    let _ = writeln!(ready, "ok {init_pid}");
     drop(ready);
 
     let mut status = None;
@@ -148,7 +148,7 @@ fn run(dir: &ContainerDir) -> io::Result<()> {
     if started {
         pump(dir, &config, pid, &init_fd, out_r, err_r, &mut status)?;
     }
-    let wait = status.unwrap_or_else(|| {
+    let wait = status.unwrap_or({
         // Someone else reaped it (cannot happen while we are its parent); record what we know.
         WaitResult {
             code: 255,
@@ -554,19 +554,62 @@ impl Executor for GantryExecutor {
             .and_then(|p| p.args().as_ref())
             .filter(|a| !a.is_empty())
             .ok_or(ExecutorError::InvalidArg)?;
-        // The environment was already set from the spec by `setup_envs`; Command inherits it.
-        let err = Command::new(&args[0]).args(&args[1..]).exec();
-        let reason = match err.kind() {
-            io::ErrorKind::NotFound => "no such file or directory".to_string(),
-            io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-            _ => err.to_string(),
-        };
-        let _ = writeln!(io::stderr(), "exec: {}: {reason}", args[0]);
+        let err = exec_program(args);
+        let _ = writeln!(io::stderr(), "exec: {}: {err}", args[0]);
         std::process::exit(127);
     }
 
     fn validate(&self, _spec: &Spec) -> Result<(), ExecutorValidationError> {
         // The agent validated the program inside the rootfs before creating the container.
         Ok(())
+    }
+}
+
+/// Replaces this process with `args`, looking the program up in `PATH` like execvp but without
+/// glibc's fallback of running a non-executable file with /bin/sh: a file that is not a valid
+/// executable fails with "exec format error", as with runc. Returns only on failure, with the
+/// reason worded as Docker words it.
+fn exec_program(args: &[String]) -> String {
+    use std::ffi::CString;
+    let to_c = |s: &str| CString::new(s).map_err(|_| "argument contains a NUL byte".to_string());
+    let argv: Result<Vec<CString>, String> = args.iter().map(|a| to_c(a)).collect();
+    let env: Result<Vec<CString>, String> = std::env::vars()
+        .map(|(k, v)| to_c(&format!("{k}={v}")))
+        .collect();
+    let (argv, env) = match (argv, env) {
+        (Ok(a), Ok(e)) => (a, e),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    if let Err(e) = crate::sys::default_sigpipe() {
+        return format!("restoring SIGPIPE: {e}");
+    }
+    let prog = &args[0];
+    let candidates: Vec<String> = if prog.contains('/') {
+        vec![prog.clone()]
+    } else {
+        let path = std::env::var("PATH").unwrap_or_else(|_| super::spec::DEFAULT_PATH.into());
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d}/{prog}"))
+            .collect()
+    };
+    let mut last = nix::errno::Errno::ENOENT;
+    for candidate in candidates {
+        let Ok(c) = to_c(&candidate) else { continue };
+        let Err(errno) = nix::unistd::execve(&c, &argv, &env);
+        // Keep looking along PATH only when this entry does not exist, as execvp does.
+        last = errno;
+        if !matches!(
+            errno,
+            nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR
+        ) {
+            break;
+        }
+    }
+    match last {
+        nix::errno::Errno::ENOENT if !prog.contains('/') => {
+            "executable file not found in $PATH".to_string()
+        }
+        errno => errno.desc().to_lowercase(),
     }
 }

@@ -285,10 +285,10 @@ pub fn validate(spec: &ContainerSpec) -> Result<Validated, SpecErrors> {
             err(&format!("process.args[{i}]"), "contains a NUL byte".into());
         }
     }
-    if let Some(cwd) = &spec.process.cwd {
-        if let Err(reason) = check_container_path(cwd) {
-            err("process.cwd", reason);
-        }
+    if let Some(cwd) = &spec.process.cwd
+        && let Err(reason) = check_container_path(cwd)
+    {
+        err("process.cwd", reason);
     }
     let resolved_user = if rootfs_ok {
         match user::resolve(&spec.rootfs, &spec.process.user) {
@@ -301,10 +301,10 @@ pub fn validate(spec: &ContainerSpec) -> Result<Validated, SpecErrors> {
     } else {
         None
     };
-    if let Some(u) = &resolved_user {
-        if !env.iter().any(|kv| kv.starts_with("HOME=")) {
-            env.push(format!("HOME={}", u.home));
-        }
+    if let Some(u) = &resolved_user
+        && !env.iter().any(|kv| kv.starts_with("HOME="))
+    {
+        env.push(format!("HOME={}", u.home));
     }
 
     // Hostname.
@@ -342,29 +342,29 @@ pub fn validate(spec: &ContainerSpec) -> Result<Validated, SpecErrors> {
             );
         }
     }
-    if let Some(c) = r.cpu_millis {
-        if c == 0 || c > MAX_CPU_MILLIS {
-            err(
-                "resources.cpuMillis",
-                format!("{c} is out of range: must be between 1 and {MAX_CPU_MILLIS}"),
-            );
-        }
+    if let Some(c) = r.cpu_millis
+        && (c == 0 || c > MAX_CPU_MILLIS)
+    {
+        err(
+            "resources.cpuMillis",
+            format!("{c} is out of range: must be between 1 and {MAX_CPU_MILLIS}"),
+        );
     }
-    if let Some(p) = r.pids {
-        if !(1..=MAX_PIDS).contains(&p) {
-            err(
-                "resources.pids",
-                format!("{p} is out of range: must be between 1 and {MAX_PIDS}"),
-            );
-        }
+    if let Some(p) = r.pids
+        && !(1..=MAX_PIDS).contains(&p)
+    {
+        err(
+            "resources.pids",
+            format!("{p} is out of range: must be between 1 and {MAX_PIDS}"),
+        );
     }
-    if let Some(cs) = &r.cpuset {
-        if !is_cpuset(cs) {
-            err(
-                "resources.cpuset",
-                format!("{cs:?} is not a cpu list like 0-1,3"),
-            );
-        }
+    if let Some(cs) = &r.cpuset
+        && !is_cpuset(cs)
+    {
+        err(
+            "resources.cpuset",
+            format!("{cs:?} is not a cpu list like 0-1,3"),
+        );
     }
 
     // Mounts.
@@ -698,7 +698,8 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let r = rootfs();
-        let cases: Vec<(fn(&mut ContainerSpec), &str)> = vec![
+        type Case = (fn(&mut ContainerSpec), &'static str);
+        let cases: Vec<Case> = vec![
             (|s| s.id = "a/b".into(), "id: \"a/b\" has the character '/'"),
             (|s| s.id = String::new(), "id: must not be empty"),
             (

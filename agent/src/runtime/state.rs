@@ -14,6 +14,7 @@
 //!   logs/          container.log and its rotations (shim)
 //!   oci/           the private state root of libcontainer or the OCI runtime binary
 //!   shim.log       the shim's own diagnostics
+//!   shim.lock      flocked by the shim for its whole life (an agent can tell a shim holds it)
 //! ```
 
 use std::io::{self, Write};
@@ -89,6 +90,10 @@ impl ContainerDir {
     /// `oci/`.
     pub fn oci_root(&self) -> PathBuf {
         self.dir.join("oci")
+    }
+    /// `shim.lock`: flocked by the shim (as its stdin) for its whole life.
+    pub fn shim_lock(&self) -> PathBuf {
+        self.dir.join("shim.lock")
     }
     /// `shim.log`.
     pub fn shim_log(&self) -> PathBuf {
