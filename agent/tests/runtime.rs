@@ -840,3 +840,43 @@ async fn containers_survive_agent_kill_and_are_readopted() {
     assert!(config.cgroups.list().unwrap().is_empty());
     let _ = rt.release_cgroups();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_and_cap_add_are_the_ways_out() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("priv");
+    let script = "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status";
+    let mut privileged = env.spec("privileged", &["sh", "-c", script]);
+    privileged.privileged = true;
+    let mut net_admin = env.spec("netadmin", &["sh", "-c", script]);
+    net_admin.cap_add = vec!["NET_ADMIN".into()];
+    let host_bnd = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:").map(|v| v.trim().to_string()))
+        .unwrap();
+    for (spec, cap_eff, nnp, seccomp) in [
+        (privileged, host_bnd.as_str(), "0", "0"),
+        // CAP_NET_ADMIN is bit 12 (0x1000) on top of Docker's default mask.
+        (net_admin, "00000000a80435fb", "1", "2"),
+    ] {
+        let id = env.run(spec).await;
+        assert_eq!(env.rt.wait(&id).await.unwrap().code, 0);
+        let logs = env.logs(&id).await;
+        assert!(
+            logs.contains(&format!("CapEff:\t{cap_eff}")),
+            "{id}: {logs}"
+        );
+        assert!(
+            logs.contains(&format!("NoNewPrivs:\t{nnp}")),
+            "{id}: {logs}"
+        );
+        assert!(
+            logs.contains(&format!("Seccomp:\t{seccomp}")),
+            "{id}: {logs}"
+        );
+        env.rt.delete(&id).await.unwrap();
+    }
+}

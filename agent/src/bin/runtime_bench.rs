@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gantry_agent::runtime::cgroups::Layout;
-use gantry_agent::runtime::spec::{NetworkMode, ProcessSpec, Resources};
+use gantry_agent::runtime::seccomp;
+use gantry_agent::runtime::spec::{DEFAULT_CAPABILITIES, NetworkMode, ProcessSpec, Resources};
 use gantry_agent::runtime::state::RuntimeKind;
-use gantry_agent::runtime::{BuiltinRuntime, ContainerSpec, ContainerState, Runtime, RuntimeConfig};
+use gantry_agent::runtime::{
+    BuiltinRuntime, ContainerSpec, ContainerState, Runtime, RuntimeConfig,
+};
 
 #[derive(Parser, Debug)]
 struct Opts {
@@ -32,7 +35,9 @@ struct Opts {
 
 fn main() -> Result<()> {
     let opts = Opts::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(opts))
 }
 
@@ -79,6 +84,11 @@ async fn bench(opts: &Opts, tmp: &Path) -> Result<()> {
     std::fs::create_dir_all(&bundle)?;
     let mut cfg: serde_json::Value = serde_json::from_str(&config_json)?;
     cfg["linux"]["cgroupsPath"] = serde_json::json!(parent.join("runc-bench"));
+    // The builtin runtime keeps the filter out of config.json (it installs a precompiled one);
+    // runc gets the same filter in the bundle, encoded the way runc reads it.
+    let caps: Vec<String> = DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+    let filter = seccomp::oci_seccomp(&seccomp::default_profile()?, &caps, std::env::consts::ARCH)?;
+    cfg["linux"]["seccomp"] = serde_json::to_value(seccomp::spec_encoding(&filter)?)?;
     // The per-container /etc files of the probe stay valid for runc's runs.
     std::fs::write(bundle.join("config.json"), serde_json::to_vec(&cfg)?)?;
     let runc_root = tmp.join("runc-state");
@@ -90,10 +100,21 @@ async fn bench(opts: &Opts, tmp: &Path) -> Result<()> {
         let t = Instant::now();
         let id = format!("b{i}");
         runtime.create(spec(&rootfs, &id, &["/bin/true"])).await?;
+        let t1 = t.elapsed();
         runtime.start(&id).await?;
+        let t2 = t.elapsed();
         let exit = runtime.wait(&id).await?;
+        let t3 = t.elapsed();
         runtime.delete(&id).await?;
         let d_ours = t.elapsed();
+        if std::env::var_os("BENCH_PHASES").is_some() {
+            eprintln!(
+                "create {t1:?} start {:?} wait {:?} delete {:?}",
+                t2 - t1,
+                t3 - t2,
+                d_ours - t3
+            );
+        }
         if exit.code != 0 {
             bail!("container exited {exit:?}");
         }
@@ -129,7 +150,9 @@ async fn bench(opts: &Opts, tmp: &Path) -> Result<()> {
             theirs.push(d_runc);
         }
     }
-    runtime.stop("bundle-probe", "SIGKILL", Duration::ZERO).await?;
+    runtime
+        .stop("bundle-probe", "SIGKILL", Duration::ZERO)
+        .await?;
     runtime.delete("bundle-probe").await?;
 
     let (o50, o95) = percentiles(&mut ours);
@@ -151,7 +174,9 @@ async fn bench(opts: &Opts, tmp: &Path) -> Result<()> {
     let mut shims = Vec::new();
     for i in 0..opts.idle {
         let id = format!("idle{i}");
-        runtime.create(spec(&rootfs, &id, &["sleep", "3600"])).await?;
+        runtime
+            .create(spec(&rootfs, &id, &["sleep", "3600"]))
+            .await?;
         runtime.start(&id).await?;
         shims.push(id);
     }
@@ -216,7 +241,10 @@ fn spec(rootfs: &Path, id: &str, args: &[&str]) -> ContainerSpec {
 fn percentiles(v: &mut [Duration]) -> (f64, f64) {
     v.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    (ms(v[v.len() / 2]), ms(v[(v.len() * 95 / 100).min(v.len() - 1)]))
+    (
+        ms(v[v.len() / 2]),
+        ms(v[(v.len() * 95 / 100).min(v.len() - 1)]),
+    )
 }
 
 fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {

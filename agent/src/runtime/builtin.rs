@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use super::cgroups::{self, CgroupError, CgroupStats, Layout};
 use super::proc::ProcId;
 use super::seccomp::{self, Profile};
+use super::seccomp_bpf;
 use super::spec::{self, ContainerSpec, ExecSpec, SpecErrors};
 use super::state::{self, ContainerDir, ProcessRecord, RuntimeKind, ShimConfig};
 use super::{ContainerInfo, ContainerState, ExecOutput, ExitStatus, Runtime, oci};
@@ -122,6 +123,9 @@ pub enum RuntimeError {
     /// Seccomp profile could not be loaded.
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    /// The seccomp filter could not be compiled.
+    #[error(transparent)]
+    SeccompBpf(#[from] seccomp_bpf::BpfError),
     /// I/O on the state directory or with a shim failed.
     #[error("{context}: {source}")]
     Io {
@@ -167,6 +171,7 @@ pub struct BuiltinRuntime {
     /// Held for the runtime's life: one agent per state root.
     _lock: std::fs::File,
     profile: Profile,
+    bpf: seccomp_bpf::Cache,
     containers: Mutex<HashMap<String, Arc<Tracked>>>,
 }
 
@@ -197,6 +202,7 @@ impl BuiltinRuntime {
             config,
             _lock: lock,
             profile,
+            bpf: seccomp_bpf::Cache::default(),
             containers: Mutex::new(HashMap::new()),
         };
         let entries = std::fs::read_dir(&containers_dir)
@@ -387,14 +393,25 @@ impl BuiltinRuntime {
         dir: &ContainerDir,
     ) -> Result<Tracked, RuntimeError> {
         let id = &spec.id;
-        let seccomp = if spec.privileged {
-            None
-        } else {
-            Some(seccomp::oci_seccomp(
+        // The builtin runtime installs a filter compiled once per capability set (see
+        // `seccomp_bpf`); an OCI runtime binary gets the filter in config.json and compiles it.
+        let filter = || {
+            seccomp::oci_seccomp(
                 &self.profile,
                 &validated.capabilities,
                 std::env::consts::ARCH,
-            )?)
+            )
+        };
+        let seccomp = match (&self.config.runtime, spec.privileged) {
+            (_, true) => None,
+            (RuntimeKind::Builtin, false) => {
+                let key = validated.capabilities.join(",");
+                let program = self.bpf.get(&key, || Ok(filter()?))?;
+                std::fs::write(dir.seccomp_bpf(), &*program)
+                    .map_err(io_err("writing seccomp.bpf"))?;
+                None
+            }
+            (RuntimeKind::Oci(_), false) => Some(seccomp::spec_encoding(&filter()?)?),
         };
         let cgroups_path = self.config.cgroups.cgroups_path(id)?;
         let etc = dir.etc();
@@ -416,12 +433,9 @@ impl BuiltinRuntime {
         oci::write_etc_files(&etc, spec, &validated.hostname, &host_resolv)
             .map_err(io_err(format!("writing {etc:?}")))?;
         std::fs::create_dir_all(dir.bundle()).map_err(io_err("creating the bundle"))?;
-        oci_spec
-            .save(dir.bundle().join("config.json"))
-            .map_err(|e| RuntimeError::Create {
-                id: id.clone(),
-                reason: format!("writing config.json: {e}"),
-            })?;
+        // One write, not serde_json's many small ones on an unbuffered file.
+        state::write_json(&dir.bundle().join("config.json"), &oci_spec)
+            .map_err(io_err("writing config.json"))?;
         let shim_config = ShimConfig {
             id: id.clone(),
             runtime: self.config.runtime.clone(),

@@ -7,6 +7,7 @@ pub mod cgroups;
 pub mod oci;
 pub mod proc;
 pub mod seccomp;
+pub mod seccomp_bpf;
 pub mod shim;
 pub mod spec;
 pub mod state;

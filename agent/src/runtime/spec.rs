@@ -499,10 +499,23 @@ fn capabilities(spec: &ContainerSpec) -> Result<Vec<String>, FieldError> {
             })
         }
     };
+    // A process can only hand out capabilities in its own bounding set: "all" means all of
+    // those, and asking for one outside it is an error rather than a failed create.
+    let host = host_capabilities();
+    let all = || {
+        ALL_CAPABILITIES
+            .iter()
+            .filter(|c| host.contains(*c))
+            .map(|c| c.to_string())
+    };
     let mut caps: std::collections::BTreeSet<String> = if spec.privileged {
-        ALL_CAPABILITIES.iter().map(|c| c.to_string()).collect()
+        all().collect()
     } else {
-        DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect()
+        DEFAULT_CAPABILITIES
+            .iter()
+            .filter(|c| host.contains(*c))
+            .map(|c| c.to_string())
+            .collect()
     };
     for (i, name) in spec.cap_drop.iter().enumerate() {
         match canon(&format!("capDrop[{i}]"), name)? {
@@ -514,13 +527,39 @@ fn capabilities(spec: &ContainerSpec) -> Result<Vec<String>, FieldError> {
     }
     for (i, name) in spec.cap_add.iter().enumerate() {
         match canon(&format!("capAdd[{i}]"), name)? {
-            None => caps.extend(ALL_CAPABILITIES.iter().map(|c| c.to_string())),
+            None => caps.extend(all()),
+            Some(c) if !host.contains(&c.as_str()) => {
+                return Err(FieldError {
+                    field: format!("capAdd[{i}]"),
+                    reason: format!("{c} is not in the agent's bounding set"),
+                });
+            }
             Some(c) => {
                 caps.insert(c);
             }
         }
     }
     Ok(caps.into_iter().collect())
+}
+
+/// The capabilities in this process's bounding set (read once from /proc/self/status); all of
+/// them if it cannot be read.
+fn host_capabilities() -> &'static [&'static str] {
+    static HOST: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(u64::MAX);
+        ALL_CAPABILITIES
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| mask & (1 << bit) != 0)
+            .map(|(_, name)| *name)
+            .collect()
+    })
 }
 
 /// Checks a container id: what libcontainer accepts, bounded in length so paths stay short.

@@ -7,6 +7,7 @@
 //!   shim.json      how the shim must run the container (agent)
 //!   bundle/        the OCI bundle: config.json (agent)
 //!   etc/           hostname, hosts, resolv.conf bind-mounted into the container (agent)
+//!   seccomp.bpf    the compiled seccomp filter, for the builtin runtime (agent)
 //!   process.json   shim and init identities, creation and start times (shim)
 //!   start          FIFO: a byte written here starts the container (agent → shim)
 //!   started        FIFO: the shim's answer to a start (shim → agent)
@@ -91,6 +92,10 @@ impl ContainerDir {
     pub fn oci_root(&self) -> PathBuf {
         self.dir.join("oci")
     }
+    /// `seccomp.bpf`: the compiled filter the builtin runtime installs in the container.
+    pub fn seccomp_bpf(&self) -> PathBuf {
+        self.dir.join("seccomp.bpf")
+    }
     /// `shim.lock`: flocked by the shim (as its stdin) for its whole life.
     pub fn shim_lock(&self) -> PathBuf {
         self.dir.join("shim.lock")
@@ -139,14 +144,20 @@ pub struct ProcessRecord {
     pub started_at: Option<SystemTime>,
 }
 
-/// Writes `value` as JSON to `path` atomically: a temporary file in the same directory, fsync'd
-/// and renamed over the target.
+/// Writes `value` as JSON to `path` atomically: one write to a temporary file in the same
+/// directory, renamed over the target.
+///
+/// No fsync: these records only have to survive the crash of a process (agent or shim), which
+/// the page cache does. After a machine crash every container is gone anyway, and the agent
+/// rebuilds from the scheduler's assignments; an fsync per record would cost milliseconds on
+/// every create, start and exit.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
+    let mut bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
     let mut f = std::fs::File::create(&tmp)?;
-    serde_json::to_writer(&mut f, value).map_err(io::Error::other)?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
+    f.write_all(&bytes)?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 
