@@ -357,6 +357,13 @@ impl BuiltinRuntime {
     }
 
     async fn create_inner(&self, spec: ContainerSpec) -> Result<ContainerInfo, RuntimeError> {
+        let cgroups = self.config.cgroups.clone();
+        // Fire and forget: see `Layout::warm_migration`. Failing only costs speed.
+        tokio::task::spawn_blocking(move || {
+            if let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") {
+                let _ = cgroups.warm_migration(&text);
+            }
+        });
         let validated = spec::validate(&spec)?;
         let id = spec.id.clone();
         let dir = ContainerDir::new(&self.config.root, &id);

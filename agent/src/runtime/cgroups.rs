@@ -519,6 +519,30 @@ impl Layout {
         Ok(created)
     }
 
+    /// Writes this process into the cgroup it is already in (a no-op migration), to start the
+    /// RCU grace period that the kernel's first cgroup migration after a quiet spell waits for
+    /// (`cgroup_threadgroup_rwsem`, ~16 ms on a 2-CPU machine). Called as a container create
+    /// begins, the wait overlaps the agent's and the shim's own work, and the container's
+    /// migration a few milliseconds later finds the lock warm.
+    pub fn warm_migration(&self, proc_self_cgroup: &str) -> Result<()> {
+        let own = own_cgroup(proc_self_cgroup, self.version)?;
+        let mount = match self.version {
+            CgroupVersion::V2 => self.root.clone(),
+            CgroupVersion::V1 => self
+                .hierarchies
+                .iter()
+                .find(|h| h.has("memory"))
+                .map(|h| h.dir.clone())
+                .ok_or(CgroupError::ControllerNotMounted {
+                    controller: "memory",
+                    root: self.root.clone(),
+                })?,
+        };
+        let procs = under(&mount, &own).join("cgroup.procs");
+        // "0" is the writing process itself, on v1 and v2.
+        fs::write(&procs, "0").map_err(|e| io_error(&procs, e))
+    }
+
     /// Reads the resource usage of container `id`.
     ///
     /// Files the kernel doesn't provide read as zero or `None`; a missing cgroup is
@@ -1020,6 +1044,28 @@ mod tests {
 
     fn v2_layout(fake: &Fake) -> Layout {
         Layout::discover(fake.root(), V2_PROC, None).expect("discover v2")
+    }
+
+    #[test]
+    fn warm_migration_writes_self_into_the_own_cgroup() {
+        let fake = Fake::v1();
+        v1_layout(&fake).warm_migration(V1_PROC).unwrap();
+        let procs = fake.root().join(format!("memory{V1_OWN}/cgroup.procs"));
+        assert_eq!(fs::read_to_string(procs).unwrap(), "0");
+        // The cpu hierarchy (where the agent sits at the root) is left alone.
+        assert_eq!(
+            fs::read_to_string(fake.root().join("cpu/cgroup.procs")).unwrap(),
+            "1\n"
+        );
+
+        let fake = Fake::v2();
+        let after_prepare = format!("0::{V2_OWN}/agent\n");
+        fs::create_dir_all(fake.root().join(format!("{}/agent", &V2_OWN[1..]))).unwrap();
+        v2_layout(&fake).warm_migration(&after_prepare).unwrap();
+        let procs = fake
+            .root()
+            .join(format!("{}/agent/cgroup.procs", &V2_OWN[1..]));
+        assert_eq!(fs::read_to_string(procs).unwrap(), "0");
     }
 
     #[test]
