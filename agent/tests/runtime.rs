@@ -880,3 +880,286 @@ async fn privileged_and_cap_add_are_the_ways_out() {
         env.rt.delete(&id).await.unwrap();
     }
 }
+
+/// Reads from `r` into `buf` until `buf` contains `needle`, for up to 10 s; whether it did.
+async fn read_until(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    needle: &str,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        while !String::from_utf8_lossy(buf).contains(needle) {
+            let mut chunk = [0u8; 4096];
+            match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap_or(false)
+}
+
+/// Everything left in `r`, for up to 10 s.
+async fn read_rest(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut out))
+        .await
+        .expect("the output did not end")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_streams_stdin_and_closes_it() {
+    use tokio::io::AsyncWriteExt;
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("execin");
+    let id = env.run(env.spec("execin", &["sleep", "100"])).await;
+    let mut spec = ExecSpec::new(["cat"]);
+    spec.stdin = true;
+    let mut cat = env.rt.spawn_exec(&id, spec).await.unwrap();
+    assert!(!cat.tty());
+    assert!(cat.resize(40, 100).is_err(), "resize without a TTY");
+    let mut stdin = cat.take_stdin().expect("stdin was asked for");
+    let mut stdout = cat.take_stdout().unwrap();
+    let mut stderr = cat.take_stderr().expect("stderr without a TTY");
+    // The first line comes back while stdin is still open: streamed, not collected at the end.
+    stdin.write_all(b"first line\n").await.unwrap();
+    let mut out = Vec::new();
+    assert!(
+        read_until(&mut stdout, &mut out, "first line\n").await,
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    stdin.write_all(b"second line\n").await.unwrap();
+    // Shutting stdin down closes it (the handle itself is still alive here): cat sees EOF.
+    stdin.shutdown().await.unwrap();
+    assert!(stdin.write_all(b"more").await.is_err());
+    let rest = read_rest(&mut stdout).await;
+    assert_eq!(
+        format!("{}{rest}", String::from_utf8_lossy(&out)),
+        "first line\nsecond line\n"
+    );
+    assert_eq!(read_rest(&mut stderr).await, "");
+    let code = tokio::time::timeout(Duration::from_secs(10), cat.wait())
+        .await
+        .expect("cat did not exit after its stdin closed")
+        .unwrap();
+    assert_eq!(code, 0);
+    drop(stdin);
+
+    // Without `stdin`, the process reads /dev/null: cat ends at once.
+    let mut cat = env
+        .rt
+        .spawn_exec(&id, ExecSpec::new(["cat"]))
+        .await
+        .unwrap();
+    assert!(cat.take_stdin().is_none());
+    let mut stdout = cat.take_stdout().unwrap();
+    assert_eq!(read_rest(&mut stdout).await, "");
+    assert_eq!(cat.wait().await.unwrap(), 0);
+    env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
+    env.rt.delete(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_a_tty_gets_a_controlling_terminal() {
+    use tokio::io::AsyncWriteExt;
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("exectty");
+    let id = env.run(env.spec("exectty", &["sleep", "100"])).await;
+    let mut spec = ExecSpec::new([
+        "sh",
+        "-c",
+        "tty; test -t 0 && echo is-a-tty; echo term=$TERM; echo to-stderr >&2; exit 3",
+    ]);
+    spec.tty = true;
+    let mut p = env.rt.spawn_exec(&id, spec).await.unwrap();
+    assert!(p.tty());
+    assert!(p.take_stdin().is_none());
+    assert!(p.take_stderr().is_none(), "a TTY has one output stream");
+    let mut stdout = p.take_stdout().unwrap();
+    let out = read_rest(&mut stdout).await;
+    assert_eq!(p.wait().await.unwrap(), 3, "{out}");
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert!(out.contains("is-a-tty"), "{out}");
+    assert!(out.contains("term=xterm"), "{out}");
+    // The terminal turns \n into \r\n; stderr is on it too.
+    assert!(out.contains("to-stderr\r\n"), "{out}");
+
+    // Through `exec`: the output is collected on stdout.
+    let mut spec = ExecSpec::new(["sh", "-c", "test -t 1 && echo out; echo err >&2"]);
+    spec.tty = true;
+    let collected = env.rt.exec(&id, spec).await.unwrap();
+    assert_eq!(collected.code, 0);
+    assert_eq!(String::from_utf8_lossy(&collected.stdout), "out\r\nerr\r\n");
+    assert!(collected.stderr.is_empty());
+
+    // A program that cannot run: 127 and the reason on the terminal.
+    let mut spec = ExecSpec::new(["/bin/nope"]);
+    spec.tty = true;
+    let nope = env.rt.exec(&id, spec).await.unwrap();
+    assert_eq!(nope.code, 127, "{nope:?}");
+    assert!(
+        String::from_utf8_lossy(&nope.stdout).contains("/bin/nope"),
+        "{nope:?}"
+    );
+
+    // The same user, capabilities and hardening as an exec without a TTY.
+    let script = "grep -E '^(Uid|Gid|Groups|CapEff|CapPrm|CapBnd|CapAmb|NoNewPrivs|Seccomp):' \
+                  /proc/self/status; pwd; cat /proc/self/cgroup; ulimit -n; ulimit -Hn";
+    for user in ["", "nobody"] {
+        let mut plain = ExecSpec::new(["sh", "-c", script]);
+        plain.user = user.into();
+        let mut with_tty = plain.clone();
+        with_tty.tty = true;
+        let plain = env.rt.exec(&id, plain).await.unwrap();
+        let with_tty = env.rt.exec(&id, with_tty).await.unwrap();
+        assert_eq!(plain.code, 0, "{plain:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&with_tty.stdout).replace("\r\n", "\n"),
+            String::from_utf8_lossy(&plain.stdout),
+            "user {user:?}"
+        );
+    }
+
+    // Closing stdin types end-of-file: after a partial line it takes two, and cat exits.
+    let mut spec = ExecSpec::new(["cat"]);
+    spec.tty = true;
+    spec.stdin = true;
+    let mut cat = env.rt.spawn_exec(&id, spec).await.unwrap();
+    let mut stdin = cat.take_stdin().unwrap();
+    let mut stdout = cat.take_stdout().unwrap();
+    stdin.write_all(b"one\npartial").await.unwrap();
+    drop(stdin);
+    let out = read_rest(&mut stdout).await;
+    let code = tokio::time::timeout(Duration::from_secs(10), cat.wait())
+        .await
+        .expect("cat did not see end-of-file")
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    // Echoed by the terminal, and written by cat.
+    assert_eq!(out.matches("one\r\n").count(), 2, "{out:?}");
+    assert_eq!(out.matches("partial").count(), 2, "{out:?}");
+
+    env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
+    env.rt.delete(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_tty_resizes() {
+    use tokio::io::AsyncWriteExt;
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("execsize");
+    let id = env.run(env.spec("execsize", &["sleep", "100"])).await;
+    // Sized before the process reads its input.
+    let mut spec = ExecSpec::new(["sh", "-c", "read go; stty size"]);
+    spec.tty = true;
+    spec.stdin = true;
+    let mut p = env.rt.spawn_exec(&id, spec).await.unwrap();
+    p.resize(40, 100).unwrap();
+    let mut stdin = p.take_stdin().unwrap();
+    let mut stdout = p.take_stdout().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    let out = read_rest(&mut stdout).await;
+    assert_eq!(p.wait().await.unwrap(), 0, "{out}");
+    assert!(out.contains("40 100\r\n"), "{out:?}");
+
+    // Resized while it runs: SIGWINCH, and the new size.
+    let mut spec = ExecSpec::new([
+        "sh",
+        "-c",
+        "trap 'echo winch; stty size' WINCH; echo ready; \
+         while [ ! -e /tmp/stop ]; do sleep 0.05; done; echo done",
+    ]);
+    spec.tty = true;
+    let mut p = env.rt.spawn_exec(&id, spec).await.unwrap();
+    let mut stdout = p.take_stdout().unwrap();
+    let mut out = Vec::new();
+    assert!(read_until(&mut stdout, &mut out, "ready").await);
+    p.resize(50, 120).unwrap();
+    assert!(
+        read_until(&mut stdout, &mut out, "winch\r\n50 120\r\n").await,
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    let touch = env
+        .rt
+        .exec(&id, ExecSpec::new(["touch", "/tmp/stop"]))
+        .await;
+    assert_eq!(touch.unwrap().code, 0);
+    let rest = read_rest(&mut stdout).await;
+    assert_eq!(p.wait().await.unwrap(), 0);
+    assert!(rest.contains("done"), "{rest:?}");
+    // The helper removed its files from the state directory.
+    let dir = env.config.root.join("containers").join(&id);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("exec-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let links: Vec<String> = std::fs::read_dir(dir.join("oci").join(&id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tenant-tty-"))
+        .collect();
+    assert!(links.is_empty(), "{links:?}");
+    env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
+    env.rt.delete(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runc_exec_with_a_tty_and_stdin() {
+    use tokio::io::AsyncWriteExt;
+    if !can_run() {
+        return;
+    }
+    let Some(runc) = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "runc is missing; .ci/run should install it"
+        );
+        return;
+    };
+    let env = Env::with("runcexec", |c| c.runtime = RuntimeKind::Oci(runc.into()));
+    let id = env.run(env.spec("runcexec", &["sleep", "100"])).await;
+    let mut spec = ExecSpec::new(["sh", "-c", "read go; tty; stty size; exit 4"]);
+    spec.tty = true;
+    spec.stdin = true;
+    let mut p = env.rt.spawn_exec(&id, spec).await.unwrap();
+    p.resize(40, 100).unwrap();
+    let mut stdin = p.take_stdin().unwrap();
+    let mut stdout = p.take_stdout().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    let out = read_rest(&mut stdout).await;
+    assert_eq!(p.wait().await.unwrap(), 4, "{out}");
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert!(out.contains("40 100\r\n"), "{out:?}");
+
+    let mut spec = ExecSpec::new(["cat"]);
+    spec.stdin = true;
+    let mut cat = env.rt.spawn_exec(&id, spec).await.unwrap();
+    let mut stdin = cat.take_stdin().unwrap();
+    let mut stdout = cat.take_stdout().unwrap();
+    stdin.write_all(b"via runc\n").await.unwrap();
+    drop(stdin);
+    assert_eq!(read_rest(&mut stdout).await, "via runc\n");
+    assert_eq!(cat.wait().await.unwrap(), 0);
+    env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
+    env.rt.delete(&id).await.unwrap();
+}

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use rustix::process::{Signal, WaitId, WaitIdOptions, pidfd_send_signal, waitid};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::cgroups::{self, CgroupError, CgroupStats, Layout};
+use super::exec::ExecProcess;
 use super::proc::ProcId;
 use super::seccomp::{self, Profile};
 use super::seccomp_bpf;
@@ -677,6 +679,33 @@ impl BuiltinRuntime {
     }
 
     async fn exec_inner(&self, id: &str, exec: ExecSpec) -> Result<ExecOutput, RuntimeError> {
+        let limit = exec.output_limit;
+        let mut process = self.spawn_exec(id, exec).await?;
+        let out = process.take_stdout();
+        let err = process.take_stderr();
+        let (stdout, stderr, code) = tokio::join!(
+            read_capped(out, limit),
+            read_capped(err, limit),
+            process.wait()
+        );
+        Ok(ExecOutput {
+            code: code?,
+            stdout: stdout.map_err(io_err("reading exec stdout"))?,
+            stderr: stderr.map_err(io_err("reading exec stderr"))?,
+        })
+    }
+
+    /// Starts a process in the running container and returns at once with its streams: stdin
+    /// when `exec.stdin` (else it reads /dev/null), stdout, and stderr unless `exec.tty`, which
+    /// gives the process a pseudo-terminal as its controlling terminal and one output stream.
+    /// [`ExecProcess::wait`] returns its exit code; [`ExecProcess::resize`] sets the terminal's size.
+    ///
+    /// The process runs under an exec helper (`gantry-agent shim exec`, single-threaded, since
+    /// libcontainer must not run in the agent). With a TTY the helper receives the terminal's
+    /// master from the runtime on a console socket in the state directory and proxies between
+    /// its stdio and the master; window sizes reach it through a FIFO there (see
+    /// [`super::tty`]).
+    pub async fn spawn_exec(&self, id: &str, exec: ExecSpec) -> Result<ExecProcess, RuntimeError> {
         let t = self.get(id)?;
         let state = self.state_of(&t)?;
         if !matches!(state, ContainerState::Running { .. }) {
@@ -687,34 +716,86 @@ impl BuiltinRuntime {
             });
         }
         let json = serde_json::to_string(&exec).map_err(|e| io_err("encoding exec")(e.into()))?;
-        let mut child = tokio::process::Command::new(&self.config.shim_binary)
-            .arg("shim")
-            .arg("exec")
-            .arg(t.dir.path())
-            .arg(json)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(io_err("starting the exec helper"))?;
-        let limit = exec.output_limit;
-        let out = child.stdout.take();
-        let err = child.stderr.take();
-        let (stdout, stderr, status) = tokio::join!(
-            read_capped(out, limit),
-            read_capped(err, limit),
-            child.wait()
-        );
-        let status = status.map_err(io_err("waiting for the exec helper"))?;
-        Ok(ExecOutput {
-            code: std::os::unix::process::ExitStatusExt::signal(&status)
-                .map(|s| 128 + s)
-                .or(status.code())
-                .unwrap_or(255),
-            stdout: stdout.map_err(io_err("reading exec stdout"))?,
-            stderr: stderr.map_err(io_err("reading exec stderr"))?,
+        let mut cmd = tokio::process::Command::new(&self.config.shim_binary);
+        cmd.arg("shim").arg("exec").arg(t.dir.path()).arg(json);
+        let resize = if exec.tty {
+            let name = next_exec_name();
+            let fifo = make_resize_fifo(&t.dir, &name)?;
+            cmd.arg(&name);
+            Some(fifo)
+        } else {
+            None
+        };
+        cmd.stdin(if exec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
         })
+        .stdout(Stdio::piped())
+        // With a TTY the helper sends its own errors to stdout, the one output stream.
+        .stderr(if exec.tty {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .kill_on_drop(true);
+        match cmd.spawn() {
+            Ok(child) => Ok(ExecProcess::new(child, exec.tty, resize)),
+            Err(e) => {
+                if let Some((path, _)) = &resize {
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(io_err("starting the exec helper")(e))
+            }
+        }
+    }
+}
+
+/// A name for the per-exec files of a TTY exec in a state directory, unique while this agent
+/// runs (and the pid keeps it apart from what an earlier agent may have left).
+fn next_exec_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("exec-{}-{n}", std::process::id())
+}
+
+/// Makes the resize FIFO `<name>.resize` of a TTY exec (0600) and opens it read-write: the open
+/// neither waits for the helper nor fails before it has opened its end, and writes never see a
+/// missing reader.
+fn make_resize_fifo(
+    dir: &ContainerDir,
+    name: &str,
+) -> Result<(PathBuf, std::fs::File), RuntimeError> {
+    let path = dir.path().join(format!("{name}.resize"));
+    let mknod = || {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+    };
+    match mknod() {
+        Err(rustix::io::Errno::EXIST) => {
+            // Left by a helper of an earlier agent with our pid: not ours to keep.
+            let _ = std::fs::remove_file(&path);
+            mknod()
+        }
+        other => other,
+    }
+    .map_err(|e| io_err(format!("creating {path:?}"))(e.into()))?;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(&path);
+    match opened {
+        Ok(file) => Ok((path, file)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(io_err(format!("opening {path:?}"))(e))
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod builtin;
 pub mod cgroups;
+pub mod exec;
 pub mod oci;
 pub mod proc;
 pub mod seccomp;
@@ -11,6 +12,7 @@ pub mod seccomp_bpf;
 pub mod shim;
 pub mod spec;
 pub mod state;
+pub mod tty;
 pub mod user;
 
 use std::future::Future;
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use builtin::{BuiltinRuntime, RuntimeConfig, RuntimeError};
 pub use cgroups::CgroupStats;
+pub use exec::{ExecProcess, ExecStdin};
 pub use spec::{ContainerSpec, ExecSpec};
 
 /// How a container's main process ended, as recorded by its shim.

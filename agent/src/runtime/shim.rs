@@ -27,7 +27,7 @@ use super::proc::ProcId;
 use super::seccomp_bpf;
 use super::spec::{ContainerSpec, ExecSpec};
 use super::state::{self, ContainerDir, ProcessRecord, RuntimeKind, ShimConfig};
-use super::user;
+use super::{tty, user};
 use crate::logs::{LineSplitter, LogWriter, Stream};
 
 /// How long output is still drained after the init process ended (its descendants in the same
@@ -39,14 +39,14 @@ pub fn main(args: &[String]) -> i32 {
     let (cmd, dir) = match args {
         [cmd, dir, ..] => (cmd.as_str(), ContainerDir::from_path(dir.into())),
         _ => {
-            eprintln!("usage: gantry-agent shim run|exec|delete STATE_DIR [EXEC_JSON]");
+            eprintln!("usage: gantry-agent shim run|exec|delete STATE_DIR [EXEC_JSON [TTY_NAME]]");
             return 2;
         }
     };
     let result = match cmd {
         "run" => run(&dir).map(|()| 0),
         "exec" => match args.get(2) {
-            Some(json) => exec(&dir, json),
+            Some(json) => exec(&dir, json, args.get(3).map(String::as_str)),
             None => Err(io::Error::other("exec needs the exec spec as JSON")),
         },
         "delete" => delete(&dir).map(|()| 0),
@@ -468,11 +468,16 @@ fn delete(dir: &ContainerDir) -> io::Result<()> {
     Ok(())
 }
 
-/// `shim exec DIR JSON`: runs a process in the container with this process's stdio and exits
-/// with its exit code (128 + signal when killed, 127 when it could not be run).
-fn exec(dir: &ContainerDir, json: &str) -> io::Result<i32> {
+/// `shim exec DIR JSON [TTY_NAME]`: runs a process in the container and exits with its exit code
+/// (128 + signal when killed, 127 when it could not be run). Without a TTY the process gets this
+/// process's stdio; with one (`tty: true`, see `super::tty`) this process proxies between its
+/// stdio and the terminal, and its own errors go to stdout, the one output stream.
+fn exec(dir: &ContainerDir, json: &str, tty_name: Option<&str>) -> io::Result<i32> {
     let exec: ExecSpec =
         serde_json::from_str(json).map_err(|e| io::Error::other(format!("exec spec: {e}")))?;
+    if exec.tty {
+        rustix::stdio::dup2_stderr(io::stdout())?;
+    }
     let config: ShimConfig = state::read_json(&dir.shim_config())?
         .ok_or_else(|| io::Error::other("shim.json is missing"))?;
     let spec: ContainerSpec =
@@ -485,21 +490,25 @@ fn exec(dir: &ContainerDir, json: &str) -> io::Result<i32> {
     } else {
         Some(user::resolve(&spec.rootfs, &exec.user).map_err(|e| io::Error::other(e.to_string()))?)
     };
+    if exec.tty {
+        return exec_tty(
+            dir,
+            &config,
+            &spec,
+            &exec,
+            resolved.as_ref(),
+            tty::check_name(tty_name)?,
+        );
+    }
     match &config.runtime {
         RuntimeKind::Builtin => {
-            let mut env: HashMap<String, String> = HashMap::new();
-            for kv in spec.process.env.iter().chain(exec.env.iter()) {
-                if let Some((k, v)) = kv.split_once('=') {
-                    env.insert(k.to_string(), v.to_string());
-                }
-            }
             let mut builder = ContainerBuilder::new(config.id.clone(), SyscallType::default())
                 .with_root_path(dir.oci_root())
                 .map_err(|e| io::Error::other(e.to_string()))?
                 .with_executor(GantryExecutor::load(dir)?)
                 .as_tenant()
                 .with_container_args(exec.args.clone())
-                .with_env(env)
+                .with_env(exec_env(&spec, &exec))
                 .with_cwd(exec.cwd.clone())
                 .with_detach(false);
             if let Some(u) = &resolved {
@@ -529,23 +538,228 @@ fn exec(dir: &ContainerDir, json: &str) -> io::Result<i32> {
         RuntimeKind::Oci(binary) => {
             let mut cmd = Command::new(binary);
             cmd.arg("--root").arg(dir.oci_root()).arg("exec");
-            for kv in &exec.env {
-                cmd.arg("--env").arg(kv);
-            }
-            if let Some(cwd) = &exec.cwd {
-                cmd.arg("--cwd").arg(cwd);
-            }
-            if let Some(u) = &resolved {
-                cmd.arg("--user").arg(format!("{}:{}", u.uid, u.gid));
-                for g in &u.additional_gids {
-                    cmd.arg("--additional-gids").arg(g.to_string());
-                }
-            }
+            oci_exec_options(&mut cmd, &exec.env, &exec, resolved.as_ref());
             cmd.arg(&config.id).args(&exec.args);
             let status = cmd.status()?;
             Ok(status.code().unwrap_or(255))
         }
     }
+}
+
+/// The options of `<oci runtime> exec` for `exec`'s directory and user, and the variables `env`.
+fn oci_exec_options(
+    cmd: &mut Command,
+    env: &[String],
+    exec: &ExecSpec,
+    resolved: Option<&user::ResolvedUser>,
+) {
+    for kv in env {
+        cmd.arg("--env").arg(kv);
+    }
+    if let Some(cwd) = &exec.cwd {
+        cmd.arg("--cwd").arg(cwd);
+    }
+    if let Some(u) = resolved {
+        cmd.arg("--user").arg(format!("{}:{}", u.uid, u.gid));
+        for g in &u.additional_gids {
+            cmd.arg("--additional-gids").arg(g.to_string());
+        }
+    }
+}
+
+/// The environment an exec gets on top of the OCI spec's: the container's, then the exec's own.
+fn exec_env(spec: &ContainerSpec, exec: &ExecSpec) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = HashMap::new();
+    for kv in spec.process.env.iter().chain(exec.env.iter()) {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    env
+}
+
+/// An exec with a pseudo-terminal: the runtime creates the terminal in the container, makes it
+/// the process's controlling terminal and stdio, and sends its master to our console socket;
+/// then `tty::proxy` runs until the process has exited.
+fn exec_tty(
+    dir: &ContainerDir,
+    config: &ShimConfig,
+    spec: &ContainerSpec,
+    exec: &ExecSpec,
+    resolved: Option<&user::ResolvedUser>,
+    name: &str,
+) -> io::Result<i32> {
+    let (listener, socket) = tty::bind_console_socket(dir.path(), name)?;
+    let resize = tty::open_resize_fifo(dir.path(), name)?;
+    let pid = match &config.runtime {
+        RuntimeKind::Builtin => {
+            // The tenant builder sets `process.terminal` only from a process file; the process
+            // written here is the one it builds from its own options for an exec without a TTY.
+            let oci = Spec::load(dir.bundle().join("config.json"))
+                .map_err(|e| io::Error::other(format!("loading config.json: {e}")))?;
+            let process = tenant_process(&oci, spec, exec, resolved)?;
+            let process_file = tty::RemoveOnDrop::new(dir.path().join(format!("{name}.json")));
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(process_file.path())?
+                .write_all(&serde_json::to_vec(&process).map_err(io::Error::other)?)?;
+            let built = ContainerBuilder::new(config.id.clone(), SyscallType::default())
+                .with_root_path(dir.oci_root())
+                .map_err(|e| io::Error::other(e.to_string()))?
+                .with_executor(GantryExecutor::load(dir)?)
+                .with_console_socket(Some(socket.path()))
+                .as_tenant()
+                .with_process(Some(process_file.path()))
+                // "Detached" only tells libcontainer that a console socket is expected; the
+                // process is our child either way.
+                .with_detach(true)
+                .build();
+            tty::remove_console_links(&dir.oci_root().join(&config.id), socket.path());
+            let pid = built.map_err(|e| io::Error::other(e.to_string()))?;
+            Pid::from_raw(pid.as_raw()).ok_or_else(|| io::Error::other("pid 0"))?
+        }
+        RuntimeKind::Oci(binary) => {
+            // `exec --detach` returns once the process runs; it is reparented to us, its
+            // subreaper, so that we can wait for it.
+            rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+            let pid_file = tty::RemoveOnDrop::new(dir.path().join(format!("{name}.pid")));
+            let mut env = exec.env.clone();
+            let has_term = |kv: &String| kv.starts_with("TERM=");
+            if !spec.process.env.iter().any(has_term) && !env.iter().any(has_term) {
+                env.push("TERM=xterm".into());
+            }
+            let mut cmd = Command::new(binary);
+            cmd.arg("--root")
+                .arg(dir.oci_root())
+                .arg("exec")
+                .arg("--tty")
+                .arg("--detach")
+                // Through our working directory, the state directory, as a socket's path must be
+                // short (see bind_console_socket); the runtime binary changes its own.
+                .arg("--console-socket")
+                .arg(format!(
+                    "/proc/{}/cwd/{name}.sock",
+                    rustix::process::getpid().as_raw_nonzero()
+                ))
+                .arg("--pid-file")
+                .arg(pid_file.path());
+            oci_exec_options(&mut cmd, &env, exec, resolved);
+            cmd.arg(&config.id).args(&exec.args).stdin(Stdio::null());
+            let status = cmd.status()?;
+            if !status.success() {
+                return Err(io::Error::other(format!(
+                    "{} exec failed ({status})",
+                    binary.display()
+                )));
+            }
+            let pid: i32 = std::fs::read_to_string(pid_file.path())?
+                .trim()
+                .parse()
+                .map_err(|e| io::Error::other(format!("bad pid file: {e}")))?;
+            Pid::from_raw(pid).ok_or_else(|| io::Error::other("pid 0"))?
+        }
+    };
+    let master = match tty::receive_master(&listener) {
+        Ok(m) => m,
+        Err(e) => {
+            // The process runs without anyone at its terminal: end it, then report.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let _ = waitpid(Some(pid), WaitOptions::empty());
+            return Err(e);
+        }
+    };
+    drop(listener);
+    drop(socket);
+    tty::proxy(master, pid, exec.stdin, resize)
+}
+
+/// The OCI process of an exec with a terminal: what libcontainer's tenant builder makes from its
+/// options for an exec without one (`adapt_spec_for_tenant`: the default process with the exec's
+/// arguments, environment, directory and user, the container's no-new-privileges and
+/// capabilities), plus `terminal: true` and `TERM=xterm` unless a `TERM` is set, as Docker does.
+fn tenant_process(
+    oci: &Spec,
+    spec: &ContainerSpec,
+    exec: &ExecSpec,
+    resolved: Option<&user::ResolvedUser>,
+) -> io::Result<libcontainer::oci_spec::runtime::Process> {
+    use libcontainer::oci_spec::runtime::{LinuxCapabilities, ProcessBuilder, UserBuilder};
+    let err = |e: libcontainer::oci_spec::OciSpecError| io::Error::other(e.to_string());
+    let spec_process = oci.process().as_ref();
+    let spec_env = spec_process
+        .and_then(|p| p.env().clone())
+        .unwrap_or_default();
+    let mut overrides = exec_env(spec, exec);
+    let key = |kv: &String| kv.split('=').next().unwrap_or("").to_string();
+    if !overrides.contains_key("TERM") && !spec_env.iter().any(|kv| key(kv) == "TERM") {
+        overrides.insert("TERM".into(), "xterm".into());
+    }
+    let mut env: Vec<String> = spec_env
+        .into_iter()
+        .filter(|kv| !overrides.contains_key(&key(kv)))
+        .collect();
+    env.extend(overrides.iter().map(|(k, v)| format!("{k}={v}")));
+
+    let mut builder = ProcessBuilder::default()
+        .args(exec.args.clone())
+        .env(env)
+        .terminal(true);
+    if let Some(cwd) = &exec.cwd {
+        if cwd.is_relative() {
+            return Err(io::Error::other(
+                "current working directory must be an absolute path",
+            ));
+        }
+        builder = builder.cwd(cwd.clone());
+    }
+    if let Some(affinity) = spec_process.and_then(|p| p.exec_cpu_affinity().clone()) {
+        builder = builder.exec_cpu_affinity(affinity);
+    }
+    if let Some(nnp) = spec_process.and_then(|p| p.no_new_privileges()) {
+        builder = builder.no_new_privileges(nnp);
+    }
+    let empty = || Some(Default::default());
+    let mut caps = LinuxCapabilities::default();
+    match spec_process.and_then(|p| p.capabilities().as_ref()) {
+        Some(c) => {
+            caps.set_bounding(c.bounding().clone().or_else(empty));
+            caps.set_effective(c.effective().clone().or_else(empty));
+            caps.set_permitted(c.permitted().clone().or_else(empty));
+            // Ambient capabilities only with inheritable ones, as runc does.
+            match c.inheritable() {
+                Some(inheritable) => {
+                    caps.set_ambient(c.ambient().clone().or_else(empty));
+                    caps.set_inheritable(Some(inheritable.clone()));
+                }
+                None => {
+                    caps.set_ambient(None);
+                    caps.set_inheritable(None);
+                }
+            }
+        }
+        None => {
+            caps.set_bounding(empty());
+            caps.set_effective(empty());
+            caps.set_permitted(empty());
+            caps.set_ambient(None);
+            caps.set_inheritable(None);
+        }
+    }
+    builder = builder.capabilities(caps);
+    let mut user = UserBuilder::default();
+    if let Some(u) = resolved {
+        if !u.additional_gids.is_empty() {
+            user = user.additional_gids(u.additional_gids.clone());
+        }
+        user = user.uid(u.uid).gid(u.gid);
+    }
+    builder
+        .user(user.build().map_err(err)?)
+        .build()
+        .map_err(err)
 }
 
 /// Runs the container's program, and when it cannot be run says why on the container's stderr and

@@ -158,6 +158,15 @@ pub struct ExecSpec {
     /// Cap on collected stdout and stderr, each, in bytes.
     #[serde(default = "default_output_limit")]
     pub output_limit: usize,
+    /// Give the process a pseudo-terminal as its controlling terminal and its stdin, stdout and
+    /// stderr (`docker exec -t`): its output is then one stream, and `TERM=xterm` is set unless
+    /// the environment has a `TERM`.
+    #[serde(default)]
+    pub tty: bool,
+    /// Keep the process's stdin open for the caller to write to (`docker exec -i`); when false it
+    /// reads from /dev/null (or, with a TTY, nothing is ever typed).
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 fn default_output_limit() -> usize {
@@ -173,6 +182,8 @@ impl ExecSpec {
             cwd: None,
             user: String::new(),
             output_limit: default_output_limit(),
+            tty: false,
+            stdin: false,
         }
     }
 }

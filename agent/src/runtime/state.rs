@@ -16,6 +16,8 @@
 //!   oci/           the private state root of libcontainer or the OCI runtime binary
 //!   shim.log       the shim's own diagnostics
 //!   shim.lock      flocked by the shim for its whole life (an agent can tell a shim holds it)
+//!   exec-<pid>-<n>.{resize,sock,json,pid}
+//!                  per-exec files of an exec with a TTY, while it starts (see `tty`)
 //! ```
 
 use std::io::{self, Write};
