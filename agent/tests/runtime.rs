@@ -627,6 +627,15 @@ async fn exec_runs_in_the_container() {
     assert_eq!(out.code, 127, "{out:?}");
     env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
     env.rt.delete(&id).await.unwrap();
+
+    // Without a user of its own, an exec runs as the container's user.
+    let mut spec = env.spec("exec-nobody", &["sleep", "100"]);
+    spec.process.user = "nobody".into();
+    let id = env.run(spec).await;
+    let out = env.rt.exec(&id, ExecSpec::new(["id", "-u"])).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\n", "{out:?}");
+    env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
+    env.rt.delete(&id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

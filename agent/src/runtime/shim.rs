@@ -485,11 +485,14 @@ fn exec(dir: &ContainerDir, json: &str, tty_name: Option<&str>) -> io::Result<i3
     if exec.args.is_empty() {
         return Err(io::Error::other("exec: no command given"));
     }
-    let resolved = if exec.user.is_empty() {
-        None
+    // Like `docker exec`: the container's user unless the exec names one.
+    let user_spec = if exec.user.is_empty() {
+        &spec.process.user
     } else {
-        Some(user::resolve(&spec.rootfs, &exec.user).map_err(|e| io::Error::other(e.to_string()))?)
+        &exec.user
     };
+    let resolved =
+        Some(user::resolve(&spec.rootfs, user_spec).map_err(|e| io::Error::other(e.to_string()))?);
     if exec.tty {
         return exec_tty(
             dir,
