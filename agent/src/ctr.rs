@@ -87,6 +87,9 @@ enum Cmd {
     },
     /// Run a command in a running container.
     Exec {
+        /// Keep stdin open and forward it.
+        #[arg(short, long)]
+        interactive: bool,
         id: String,
         #[arg(trailing_var_arg = true, required = true)]
         args: Vec<String>,
@@ -218,11 +221,14 @@ pub async fn main(ctr: Ctr) -> Result<i32> {
                 out.flush()?;
             }
         }
-        Cmd::Exec { id, args } => {
-            let out = rt.exec(&id, ExecSpec::new(args)).await?;
-            std::io::stdout().write_all(&out.stdout)?;
-            std::io::stderr().write_all(&out.stderr)?;
-            return Ok(out.code);
+        Cmd::Exec {
+            interactive,
+            id,
+            args,
+        } => {
+            let mut spec = ExecSpec::new(args);
+            spec.stdin = interactive;
+            return exec_attached(&rt, &id, spec).await;
         }
         Cmd::Stats { id } => {
             let stats = rt.stats(&id).await?;
@@ -230,6 +236,37 @@ pub async fn main(ctr: Ctr) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Runs an exec attached to this process's stdio, like `docker exec [-i]`. (A terminal, `-t`,
+/// is offered by the runtime API but not wired to this debugging command yet.)
+async fn exec_attached(rt: &BuiltinRuntime, id: &str, spec: ExecSpec) -> Result<i32> {
+    let mut process = rt.spawn_exec(id, spec).await?;
+    let stdin_task = process.take_stdin().map(|mut input| {
+        tokio::spawn(async move {
+            let mut local = tokio::io::stdin();
+            let _ = tokio::io::copy(&mut local, &mut input).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut input).await;
+        })
+    });
+    let out = process.take_stdout().map(|mut o| {
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut o, &mut tokio::io::stdout()).await;
+        })
+    });
+    let err = process.take_stderr().map(|mut e| {
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut e, &mut tokio::io::stderr()).await;
+        })
+    });
+    let code = process.wait().await;
+    for task in [out, err].into_iter().flatten() {
+        let _ = task.await;
+    }
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
+    Ok(code?)
 }
 
 fn read_spec(path: &PathBuf) -> Result<ContainerSpec> {
