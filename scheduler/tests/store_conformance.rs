@@ -89,15 +89,26 @@ struct EtcdServer {
 
 impl EtcdServer {
     async fn start() -> Result<Self> {
-        let (client_port, peer_port) = free_ports()?;
-        let mut server = Self {
-            child: None,
-            client_url: format!("http://127.0.0.1:{client_port}"),
-            peer_url: format!("http://127.0.0.1:{peer_port}"),
-            dir: tempfile::tempdir().context("creating etcd temp dir")?,
-        };
-        server.spawn().await?;
-        Ok(server)
+        // A port found free can be taken by someone else (another test's etcd, an outgoing
+        // connection) before etcd binds it: try again with other ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (client_port, peer_port) = free_ports()?;
+            let mut server = Self {
+                child: None,
+                client_url: format!("http://127.0.0.1:{client_port}"),
+                peer_url: format!("http://127.0.0.1:{peer_port}"),
+                dir: tempfile::tempdir().context("creating etcd temp dir")?,
+            };
+            match server.spawn().await {
+                Ok(()) => return Ok(server),
+                Err(err) if attempt < 5 && server.log_tail().contains("address already in use") => {
+                    eprintln!("etcd could not bind its ports, retrying: {err}");
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     fn log_path(&self) -> PathBuf {
