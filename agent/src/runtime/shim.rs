@@ -310,7 +310,8 @@ fn reap(init: Pid, status: &mut Option<WaitResult>) {
     }
 }
 
-fn poll_retry(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
+/// `poll` that retries when a signal interrupts it.
+pub(super) fn poll_retry(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
     let ts = timeout.map(|d| rustix::event::Timespec {
         tv_sec: d.as_secs() as i64,
         tv_nsec: d.subsec_nanos() as i64,

@@ -29,7 +29,9 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, poll};
+use rustix::event::{PollFd, PollFlags};
+
+use super::shim::poll_retry;
 use rustix::fs::Mode;
 use rustix::io::Errno;
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
@@ -408,19 +410,6 @@ fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn poll_retry(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
-    let ts = timeout.map(|d| rustix::event::Timespec {
-        tv_sec: d.as_secs() as i64,
-        tv_nsec: d.subsec_nanos() as i64,
-    });
-    loop {
-        match poll(fds, ts.as_ref()) {
-            Err(Errno::INTR) => continue,
-            other => return other.map_err(io::Error::from),
-        }
-    }
 }
 
 #[cfg(test)]

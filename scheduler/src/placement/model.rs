@@ -92,24 +92,8 @@ impl Resources {
     }
 }
 
-/// The transport protocol of a host port.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    /// TCP, the default.
-    #[default]
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        })
-    }
-}
+/// The transport protocol of a host port: the workload model's own.
+pub use gantry::workload::Protocol;
 
 /// A port on the node's own address that an instance publishes; one holder per node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
