@@ -632,8 +632,27 @@ async fn exec_runs_in_the_container() {
     let mut spec = env.spec("exec-nobody", &["sleep", "100"]);
     spec.process.user = "nobody".into();
     let id = env.run(spec).await;
-    let out = env.rt.exec(&id, ExecSpec::new(["id", "-u"])).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\n", "{out:?}");
+    let out = env
+        .rt
+        .exec(
+            &id,
+            ExecSpec::new([
+                "sh",
+                "-c",
+                "id -u; ulimit -n; ulimit -Hn; echo ${TERM:-none}",
+            ]),
+        )
+        .await
+        .unwrap();
+    // The container's open-files limit, not libcontainer's default of 1024:1024.
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .map_or(524_288, |m| m.min(524_288));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("65534\n1024\n{hard}\nnone\n"),
+        "{out:?}"
+    );
     env.rt.stop(&id, "SIGKILL", Duration::ZERO).await.unwrap();
     env.rt.delete(&id).await.unwrap();
 }

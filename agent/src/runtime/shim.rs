@@ -506,22 +506,29 @@ fn exec(dir: &ContainerDir, json: &str, tty_name: Option<&str>) -> io::Result<i3
     }
     match &config.runtime {
         RuntimeKind::Builtin => {
-            let mut builder = ContainerBuilder::new(config.id.clone(), SyscallType::default())
+            // A process file rather than the tenant builder's options: only a file carries the
+            // container's rlimits (the builder's default process has 1024:1024 open files).
+            let oci = Spec::load(dir.bundle().join("config.json"))
+                .map_err(|e| io::Error::other(format!("loading config.json: {e}")))?;
+            let process = tenant_process(&oci, &spec, &exec, resolved.as_ref())?;
+            let process_file = tty::RemoveOnDrop::new(dir.path().join(format!(
+                "exec-{}.json",
+                rustix::process::getpid().as_raw_nonzero()
+            )));
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(process_file.path())?
+                .write_all(&serde_json::to_vec(&process).map_err(io::Error::other)?)?;
+            let pid = ContainerBuilder::new(config.id.clone(), SyscallType::default())
                 .with_root_path(dir.oci_root())
                 .map_err(|e| io::Error::other(e.to_string()))?
                 .with_executor(GantryExecutor::load(dir)?)
                 .as_tenant()
-                .with_container_args(exec.args.clone())
-                .with_env(exec_env(&spec, &exec))
-                .with_cwd(exec.cwd.clone())
-                .with_detach(false);
-            if let Some(u) = &resolved {
-                builder = builder
-                    .with_user(Some(u.uid))
-                    .with_group(Some(u.gid))
-                    .with_additional_gids(u.additional_gids.clone());
-            }
-            let pid = builder
+                .with_process(Some(process_file.path()))
+                .with_detach(false)
                 .build()
                 .map_err(|e| io::Error::other(e.to_string()))?;
             let pid = Pid::from_raw(pid.as_raw()).ok_or_else(|| io::Error::other("pid 0"))?;
@@ -680,10 +687,11 @@ fn exec_tty(
     tty::proxy(master, pid, exec.stdin, resize)
 }
 
-/// The OCI process of an exec with a terminal: what libcontainer's tenant builder makes from its
-/// options for an exec without one (`adapt_spec_for_tenant`: the default process with the exec's
-/// arguments, environment, directory and user, the container's no-new-privileges and
-/// capabilities), plus `terminal: true` and `TERM=xterm` unless a `TERM` is set, as Docker does.
+/// The OCI process of an exec: what libcontainer's tenant builder makes from its options
+/// (`adapt_spec_for_tenant`: the default process with the exec's arguments, environment,
+/// directory and user, the container's no-new-privileges and capabilities), plus the
+/// container's rlimits, and with a TTY `terminal: true` and `TERM=xterm` unless a `TERM` is set,
+/// as Docker does.
 fn tenant_process(
     oci: &Spec,
     spec: &ContainerSpec,
@@ -698,7 +706,7 @@ fn tenant_process(
         .unwrap_or_default();
     let mut overrides = exec_env(spec, exec);
     let key = |kv: &String| kv.split('=').next().unwrap_or("").to_string();
-    if !overrides.contains_key("TERM") && !spec_env.iter().any(|kv| key(kv) == "TERM") {
+    if exec.tty && !overrides.contains_key("TERM") && !spec_env.iter().any(|kv| key(kv) == "TERM") {
         overrides.insert("TERM".into(), "xterm".into());
     }
     let mut env: Vec<String> = spec_env
@@ -710,7 +718,10 @@ fn tenant_process(
     let mut builder = ProcessBuilder::default()
         .args(exec.args.clone())
         .env(env)
-        .terminal(true);
+        .terminal(exec.tty);
+    if let Some(rlimits) = spec_process.and_then(|p| p.rlimits().clone()) {
+        builder = builder.rlimits(rlimits);
+    }
     if let Some(cwd) = &exec.cwd {
         if cwd.is_relative() {
             return Err(io::Error::other(
