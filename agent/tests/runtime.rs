@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use gantry_agent::logs::{LogConfig, LogReader, ReadOptions};
 use gantry_agent::runtime::cgroups::Layout;
-use gantry_agent::runtime::spec::{NetworkMode, ProcessSpec, Resources};
 use gantry_agent::runtime::state::{self, ContainerDir, ProcessRecord, RuntimeKind};
 use gantry_agent::runtime::{
     BuiltinRuntime, ContainerSpec, ContainerState, ExecSpec, Runtime, RuntimeConfig, RuntimeError,
@@ -90,26 +89,9 @@ impl Env {
     }
 
     fn spec(&self, id: &str, args: &[&str]) -> ContainerSpec {
-        ContainerSpec {
-            id: id.into(),
-            rootfs: self.rootfs.clone(),
-            readonly_rootfs: false,
-            process: ProcessSpec {
-                args: args.iter().map(|s| s.to_string()).collect(),
-                env: vec![],
-                cwd: None,
-                user: String::new(),
-            },
-            hostname: Some(format!("host-{id}")),
-            resources: Resources::default(),
-            mounts: vec![],
-            network: NetworkMode::None,
-            hosts: BTreeMap::new(),
-            privileged: false,
-            cap_add: vec![],
-            cap_drop: vec![],
-            labels: BTreeMap::new(),
-        }
+        let mut spec = ContainerSpec::new(id, &self.rootfs, args.iter().copied());
+        spec.hostname = Some(format!("host-{id}"));
+        spec
     }
 
     async fn run(&self, spec: ContainerSpec) -> String {
@@ -756,26 +738,8 @@ async fn containers_survive_agent_kill_and_are_readopted() {
         } else {
             "i=0; while :; do echo tick-$i; i=$((i+1)); sleep 0.2; done"
         };
-        let spec = ContainerSpec {
-            id: format!("adopt-{i}"),
-            rootfs: rootfs.clone(),
-            readonly_rootfs: false,
-            process: ProcessSpec {
-                args: vec!["sh".into(), "-c".into(), script.into()],
-                env: vec![],
-                cwd: None,
-                user: String::new(),
-            },
-            hostname: None,
-            resources: Resources::default(),
-            mounts: vec![],
-            network: NetworkMode::None,
-            hosts: BTreeMap::new(),
-            privileged: false,
-            cap_add: vec![],
-            cap_drop: vec![],
-            labels: BTreeMap::new(),
-        };
+        let spec = ContainerSpec::new(&format!("adopt-{i}"), &rootfs, ["sh", "-c", script]);
+
         let path = tmp.path().join(format!("spec-{i}.json"));
         std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
         spec_files.push(path);

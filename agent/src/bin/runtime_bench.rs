@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gantry_agent::runtime::cgroups::Layout;
 use gantry_agent::runtime::seccomp;
-use gantry_agent::runtime::spec::{DEFAULT_CAPABILITIES, NetworkMode, ProcessSpec, Resources};
+use gantry_agent::runtime::spec::DEFAULT_CAPABILITIES;
 use gantry_agent::runtime::state::RuntimeKind;
 use gantry_agent::runtime::{
     BuiltinRuntime, ContainerSpec, ContainerState, Runtime, RuntimeConfig,
@@ -216,26 +216,7 @@ async fn bench(opts: &Opts, tmp: &Path) -> Result<()> {
 }
 
 fn spec(rootfs: &Path, id: &str, args: &[&str]) -> ContainerSpec {
-    ContainerSpec {
-        id: id.into(),
-        rootfs: rootfs.to_path_buf(),
-        readonly_rootfs: false,
-        process: ProcessSpec {
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env: vec![],
-            cwd: None,
-            user: String::new(),
-        },
-        hostname: None,
-        resources: Resources::default(),
-        mounts: vec![],
-        network: NetworkMode::None,
-        hosts: Default::default(),
-        privileged: false,
-        cap_add: vec![],
-        cap_drop: vec![],
-        labels: Default::default(),
-    }
+    ContainerSpec::new(id, rootfs, args.iter().copied())
 }
 
 fn percentiles(v: &mut [Duration]) -> (f64, f64) {

@@ -263,8 +263,7 @@ pub fn container_resolv_conf(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::spec::{ProcessSpec, Resources, validate};
-    use std::collections::BTreeMap;
+    use crate::runtime::spec::{Resources, validate};
     use std::os::unix::fs::PermissionsExt;
 
     fn fixture() -> (tempfile::TempDir, ContainerSpec) {
@@ -276,30 +275,14 @@ mod tests {
             std::fs::Permissions::from_mode(0o755),
         )
         .unwrap();
-        let spec = ContainerSpec {
-            id: "web-1".into(),
-            rootfs: dir.path().to_path_buf(),
-            readonly_rootfs: false,
-            process: ProcessSpec {
-                args: vec!["sh".into(), "-c".into(), "true".into()],
-                env: vec!["A=b".into()],
-                cwd: None,
-                user: "1000:1000".into(),
-            },
-            hostname: None,
-            resources: Resources {
-                cpu_millis: Some(500),
-                memory_bytes: Some(64 << 20),
-                pids: Some(128),
-                cpuset: None,
-            },
-            mounts: vec![],
-            network: NetworkMode::None,
-            hosts: BTreeMap::new(),
-            privileged: false,
-            cap_add: vec![],
-            cap_drop: vec![],
-            labels: BTreeMap::new(),
+        let mut spec = ContainerSpec::new("web-1", dir.path(), ["sh", "-c", "true"]);
+        spec.process.env = vec!["A=b".into()];
+        spec.process.user = "1000:1000".into();
+        spec.resources = Resources {
+            cpu_millis: Some(500),
+            memory_bytes: Some(64 << 20),
+            pids: Some(128),
+            cpuset: None,
         };
         (dir, spec)
     }

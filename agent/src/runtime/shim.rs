@@ -506,22 +506,8 @@ fn exec(dir: &ContainerDir, json: &str, tty_name: Option<&str>) -> io::Result<i3
     }
     match &config.runtime {
         RuntimeKind::Builtin => {
-            // A process file rather than the tenant builder's options: only a file carries the
-            // container's rlimits (the builder's default process has 1024:1024 open files).
-            let oci = Spec::load(dir.bundle().join("config.json"))
-                .map_err(|e| io::Error::other(format!("loading config.json: {e}")))?;
-            let process = tenant_process(&oci, &spec, &exec, resolved.as_ref())?;
-            let process_file = tty::RemoveOnDrop::new(dir.path().join(format!(
-                "exec-{}.json",
-                rustix::process::getpid().as_raw_nonzero()
-            )));
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(process_file.path())?
-                .write_all(&serde_json::to_vec(&process).map_err(io::Error::other)?)?;
+            let name = format!("exec-{}", rustix::process::getpid().as_raw_nonzero());
+            let process_file = write_process_file(dir, &spec, &exec, resolved.as_ref(), &name)?;
             let pid = ContainerBuilder::new(config.id.clone(), SyscallType::default())
                 .with_root_path(dir.oci_root())
                 .map_err(|e| io::Error::other(e.to_string()))?
@@ -604,19 +590,7 @@ fn exec_tty(
     let resize = tty::open_resize_fifo(dir.path(), name)?;
     let pid = match &config.runtime {
         RuntimeKind::Builtin => {
-            // The tenant builder sets `process.terminal` only from a process file; the process
-            // written here is the one it builds from its own options for an exec without a TTY.
-            let oci = Spec::load(dir.bundle().join("config.json"))
-                .map_err(|e| io::Error::other(format!("loading config.json: {e}")))?;
-            let process = tenant_process(&oci, spec, exec, resolved)?;
-            let process_file = tty::RemoveOnDrop::new(dir.path().join(format!("{name}.json")));
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(process_file.path())?
-                .write_all(&serde_json::to_vec(&process).map_err(io::Error::other)?)?;
+            let process_file = write_process_file(dir, spec, exec, resolved, name)?;
             let built = ContainerBuilder::new(config.id.clone(), SyscallType::default())
                 .with_root_path(dir.oci_root())
                 .map_err(|e| io::Error::other(e.to_string()))?
@@ -685,6 +659,30 @@ fn exec_tty(
     drop(listener);
     drop(socket);
     tty::proxy(master, pid, exec.stdin, resize)
+}
+
+/// Writes the OCI process of an exec to `DIR/NAME.json` (0600), removed when the returned guard
+/// drops. libcontainer's tenant builder takes the container's rlimits and `terminal` only from
+/// such a file, never from its own options (whose default process has 1024:1024 open files).
+fn write_process_file(
+    dir: &ContainerDir,
+    spec: &ContainerSpec,
+    exec: &ExecSpec,
+    resolved: Option<&user::ResolvedUser>,
+    name: &str,
+) -> io::Result<tty::RemoveOnDrop> {
+    let oci = Spec::load(dir.bundle().join("config.json"))
+        .map_err(|e| io::Error::other(format!("loading config.json: {e}")))?;
+    let process = tenant_process(&oci, spec, exec, resolved)?;
+    let file = tty::RemoveOnDrop::new(dir.path().join(format!("{name}.json")));
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file.path())?
+        .write_all(&serde_json::to_vec(&process).map_err(io::Error::other)?)?;
+    Ok(file)
 }
 
 /// The OCI process of an exec: what libcontainer's tenant builder makes from its options

@@ -188,6 +188,37 @@ impl ExecSpec {
     }
 }
 
+impl ContainerSpec {
+    /// A spec running `args` in `rootfs` with every other field at its default: root user, no
+    /// limits, no extra mounts, a network namespace with only loopback, Docker's hardening.
+    pub fn new<S: Into<String>>(
+        id: &str,
+        rootfs: &Path,
+        args: impl IntoIterator<Item = S>,
+    ) -> ContainerSpec {
+        ContainerSpec {
+            id: id.to_string(),
+            rootfs: rootfs.to_path_buf(),
+            readonly_rootfs: false,
+            process: ProcessSpec {
+                args: args.into_iter().map(Into::into).collect(),
+                env: Vec::new(),
+                cwd: None,
+                user: String::new(),
+            },
+            hostname: None,
+            resources: Resources::default(),
+            mounts: Vec::new(),
+            network: NetworkMode::None,
+            hosts: BTreeMap::new(),
+            privileged: false,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// One thing wrong with a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -705,26 +736,7 @@ mod tests {
     }
 
     fn spec(rootfs: &Path) -> ContainerSpec {
-        ContainerSpec {
-            id: "c1".into(),
-            rootfs: rootfs.to_path_buf(),
-            readonly_rootfs: false,
-            process: ProcessSpec {
-                args: vec!["sh".into()],
-                env: vec![],
-                cwd: None,
-                user: String::new(),
-            },
-            hostname: None,
-            resources: Resources::default(),
-            mounts: vec![],
-            network: NetworkMode::None,
-            hosts: BTreeMap::new(),
-            privileged: false,
-            cap_add: vec![],
-            cap_drop: vec![],
-            labels: BTreeMap::new(),
-        }
+        ContainerSpec::new("c1", rootfs, ["sh"])
     }
 
     fn errors(s: &ContainerSpec) -> Vec<String> {
