@@ -1047,25 +1047,32 @@ async fn exec_with_a_tty_gets_a_controlling_terminal() {
     env.rt.delete(&id).await.unwrap();
 }
 
+/// Runs `script` with a TTY sized 40x100 before it reads its first line ("go"); returns its exit
+/// code and everything it printed.
+async fn tty_exec_sized(env: &Env, id: &str, script: &str) -> (i32, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut spec = ExecSpec::new(["sh", "-c", script]);
+    spec.tty = true;
+    spec.stdin = true;
+    let mut p = env.rt.spawn_exec(id, spec).await.unwrap();
+    p.resize(40, 100).unwrap();
+    let mut stdin = p.take_stdin().unwrap();
+    let mut stdout = p.take_stdout().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    let out = read_rest(&mut stdout).await;
+    (p.wait().await.unwrap(), out)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_tty_resizes() {
-    use tokio::io::AsyncWriteExt;
     if !can_run() {
         return;
     }
     let env = Env::new("execsize");
     let id = env.run(env.spec("execsize", &["sleep", "100"])).await;
     // Sized before the process reads its input.
-    let mut spec = ExecSpec::new(["sh", "-c", "read go; stty size"]);
-    spec.tty = true;
-    spec.stdin = true;
-    let mut p = env.rt.spawn_exec(&id, spec).await.unwrap();
-    p.resize(40, 100).unwrap();
-    let mut stdin = p.take_stdin().unwrap();
-    let mut stdout = p.take_stdout().unwrap();
-    stdin.write_all(b"go\n").await.unwrap();
-    let out = read_rest(&mut stdout).await;
-    assert_eq!(p.wait().await.unwrap(), 0, "{out}");
+    let (code, out) = tty_exec_sized(&env, &id, "read go; stty size").await;
+    assert_eq!(code, 0, "{out}");
     assert!(out.contains("40 100\r\n"), "{out:?}");
 
     // Resized while it runs: SIGWINCH, and the new size.
@@ -1130,16 +1137,8 @@ async fn runc_exec_with_a_tty_and_stdin() {
     };
     let env = Env::with("runcexec", |c| c.runtime = RuntimeKind::Oci(runc.into()));
     let id = env.run(env.spec("runcexec", &["sleep", "100"])).await;
-    let mut spec = ExecSpec::new(["sh", "-c", "read go; tty; stty size; exit 4"]);
-    spec.tty = true;
-    spec.stdin = true;
-    let mut p = env.rt.spawn_exec(&id, spec).await.unwrap();
-    p.resize(40, 100).unwrap();
-    let mut stdin = p.take_stdin().unwrap();
-    let mut stdout = p.take_stdout().unwrap();
-    stdin.write_all(b"go\n").await.unwrap();
-    let out = read_rest(&mut stdout).await;
-    assert_eq!(p.wait().await.unwrap(), 4, "{out}");
+    let (code, out) = tty_exec_sized(&env, &id, "read go; tty; stty size; exit 4").await;
+    assert_eq!(code, 4, "{out}");
     assert!(out.contains("/dev/pts/"), "{out:?}");
     assert!(out.contains("40 100\r\n"), "{out:?}");
 
