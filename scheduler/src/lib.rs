@@ -4,5 +4,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod cache;
+pub mod controller;
+pub mod election;
+pub mod metrics;
+pub mod model;
+pub mod ops;
 pub mod placement;
+pub mod server;
+pub mod session;
+pub mod sim;
 pub mod store;

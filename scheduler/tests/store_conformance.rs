@@ -2,27 +2,26 @@
 //! (in a temp dir, under paused tokio time) and against a real etcd started by the test.
 //!
 //! etcd tests need `/usr/bin/etcd` (Debian `etcd-server`): without it they are skipped,
-//! unless `CI` is set, where they fail.
+//! unless `CI` is set (to anything but `false` or `0`), where they fail. The etcd harness
+//! is in `support/mod.rs`.
 
 use gantry_scheduler as crate_under_test;
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use crate_under_test::store::{
     Compare, EmbeddedOptions, EmbeddedStore, EtcdOptions, EtcdStore, Event, EventKind, KeyValue,
     LeaseId, Op, Revision, Store, StoreError, WatchStream,
 };
 use futures::StreamExt;
-use tempfile::TempDir;
+use support::{EtcdServer, etcd_available, free_ports};
 use tokio::time::{Instant, sleep, timeout};
 
-const ETCD_BIN: &str = "/usr/bin/etcd";
 /// Upper bound on waiting for one watch event: a guard, never a synchronisation.
 const EVENT_WAIT: Duration = Duration::from_secs(30);
 
@@ -47,19 +46,6 @@ async fn embedded() -> Result<Harness> {
     })
 }
 
-/// Whether etcd tests can run here: skip without the binary, unless CI demands it.
-fn etcd_available() -> bool {
-    if Path::new(ETCD_BIN).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{ETCD_BIN} is missing and CI is set: install Debian's etcd-server"
-    );
-    eprintln!("skipping etcd test: {ETCD_BIN} not found (set CI to make this an error)");
-    false
-}
-
 async fn etcd() -> Result<Option<Harness>> {
     if !etcd_available() {
         return Ok(None);
@@ -70,119 +56,6 @@ async fn etcd() -> Result<Option<Harness>> {
         store: Arc::new(store),
         _keep: Box::new(server),
     }))
-}
-
-/// Two distinct free loopback ports (both held until chosen, so they differ).
-fn free_ports() -> Result<(u16, u16)> {
-    let a = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    let b = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
-}
-
-/// A single-member etcd on loopback with its data in a temp dir; killed on drop.
-struct EtcdServer {
-    child: Option<Child>,
-    client_url: String,
-    peer_url: String,
-    dir: TempDir,
-}
-
-impl EtcdServer {
-    async fn start() -> Result<Self> {
-        // A port found free can be taken by someone else (another test's etcd, an outgoing
-        // connection) before etcd binds it: try again with other ports.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let (client_port, peer_port) = free_ports()?;
-            let mut server = Self {
-                child: None,
-                client_url: format!("http://127.0.0.1:{client_port}"),
-                peer_url: format!("http://127.0.0.1:{peer_port}"),
-                dir: tempfile::tempdir().context("creating etcd temp dir")?,
-            };
-            match server.spawn().await {
-                Ok(()) => return Ok(server),
-                Err(err) if attempt < 5 && server.log_tail().contains("address already in use") => {
-                    eprintln!("etcd could not bind its ports, retrying: {err}");
-                }
-                Err(err) => return Err(err),
-            }
-        }
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("etcd.log")
-    }
-
-    /// Starts etcd (again, on the same data and ports) and waits until it answers.
-    async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .context("opening etcd log")?;
-        let data_dir = self.dir.path().join("data");
-        let child = Command::new(ETCD_BIN)
-            .arg("--name=default")
-            .arg(format!("--data-dir={}", data_dir.display()))
-            .arg(format!("--listen-client-urls={}", self.client_url))
-            .arg(format!("--advertise-client-urls={}", self.client_url))
-            .arg(format!("--listen-peer-urls={}", self.peer_url))
-            .arg(format!("--initial-advertise-peer-urls={}", self.peer_url))
-            .arg(format!("--initial-cluster=default={}", self.peer_url))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("cloning log handle")?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawning {ETCD_BIN}"))?;
-        self.child = Some(child);
-        let mut options = EtcdOptions::new([self.client_url.clone()]);
-        options.request_timeout = Duration::from_millis(500);
-        let probe = EtcdStore::connect(options).await?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match probe.current_revision().await {
-                Ok(_) => return Ok(()),
-                Err(err) if std::time::Instant::now() < deadline => {
-                    if let Some(status) = self
-                        .child
-                        .as_mut()
-                        .and_then(|c| c.try_wait().ok().flatten())
-                    {
-                        bail!(
-                            "etcd exited with {status} ({err}); log:\n{}",
-                            self.log_tail()
-                        );
-                    }
-                    sleep(Duration::from_millis(50)).await;
-                }
-                Err(err) => bail!(
-                    "etcd did not answer within 30 s: {err}; log:\n{}",
-                    self.log_tail()
-                ),
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Runs each case against both stores: `embedded::case` and `etcd::case`.
@@ -1131,8 +1004,7 @@ mod etcd_only {
         assert_eq!(ra, before + 1);
         assert_eq!(next_event(&mut watch).await?.revision(), ra);
 
-        server.kill();
-        server.spawn().await?;
+        server.restart().await?;
         // The store may need a moment to reconnect; the write itself is what we wait for.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let rb = loop {

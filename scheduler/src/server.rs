@@ -1,0 +1,283 @@
+//! One scheduler replica, assembled: the store (etcd, or the embedded store when no endpoints
+//! are given), the replica cache, the gRPC API and node sessions, the metrics endpoint, and the
+//! election that runs the controllers on the leader. The binary parses flags into a [`Config`]
+//! and calls [`run`]; tests and benchmarks call it in-process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::{self, ApiConfig, ApiServer};
+use crate::cache::Cache;
+use crate::controller;
+use crate::election::{self, ElectionConfig};
+use crate::metrics::{self, Metrics};
+use crate::session::{SessionConfig, SessionService};
+use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+
+/// HTTP/2 streams one client connection may hold open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 65_536;
+
+/// Everything a replica needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the gRPC API listens.
+    pub listen: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen (none when `None`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// etcd endpoints; the embedded store under `data_dir` when empty.
+    pub etcd: Vec<String>,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// This replica's identity in elections and node liveness records.
+    pub identity: String,
+    /// Leader lease TTL.
+    pub leader_ttl: Duration,
+    /// Interval at which agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Controller settings (node grace, session lease TTL, resync, placement).
+    pub controller: controller::Config,
+}
+
+impl Config {
+    /// Defaults for a replica listening on `listen` with its data under `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Config {
+            listen,
+            metrics_listen: None,
+            etcd: Vec::new(),
+            data_dir,
+            identity: default_identity(),
+            leader_ttl: election::DEFAULT_TTL,
+            heartbeat_interval: Duration::from_secs(2),
+            controller: controller::Config::default(),
+        }
+    }
+}
+
+/// `hostname:pid`.
+pub fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "scheduler".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Opens the store the configuration names.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if config.etcd.is_empty() {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let path = config.data_dir.join("store.redb");
+        let store = EmbeddedStore::open(&path)
+            .await
+            .with_context(|| format!("opening the embedded store {}", path.display()))?;
+        info!(path = %path.display(), "embedded store");
+        Ok(Arc::new(store))
+    } else {
+        let store = EtcdStore::connect(EtcdOptions::new(config.etcd.clone()))
+            .await
+            .with_context(|| format!("connecting to etcd at {}", config.etcd.join(",")))?;
+        info!(endpoints = %config.etcd.join(","), "etcd store");
+        Ok(Arc::new(store))
+    }
+}
+
+/// Runs a replica until `shutdown`; returns the address the API listens on through `bound`
+/// as soon as it is bound (useful with port 0).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let store = open_store(&config).await?;
+    run_with_store(config, store, shutdown, bound).await
+}
+
+/// [`run`] on a store the caller opened (benchmarks read it alongside).
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let cache = Cache::new();
+    let cache_task = tokio::spawn({
+        let cache = cache.clone();
+        let store = store.clone();
+        let stopped = stopped();
+        async move { cache.run(store, stopped).await }
+    });
+
+    let metrics_task = match config.metrics_listen {
+        Some(metrics_addr) => {
+            let listener = TcpListener::bind(metrics_addr)
+                .await
+                .with_context(|| format!("listening on {metrics_addr} for metrics"))?;
+            let ready_store = store.clone();
+            let router = metrics::router(metrics.clone(), move || {
+                let store = ready_store.clone();
+                Box::pin(async move { store.current_revision().await.is_ok() })
+            });
+            let stopped = stopped();
+            Some(tokio::spawn(async move {
+                if let Err(err) = metrics::serve(listener, router, stopped).await {
+                    warn!(%err, "metrics endpoint failed");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    let session = SessionService::new(
+        store.clone(),
+        cache.clone(),
+        SessionConfig {
+            heartbeat_interval: config.heartbeat_interval,
+            lease_ttl: config.controller.lease_ttl,
+            identity: config.identity.clone(),
+        },
+        stop_tx.subscribe(),
+    );
+    let api_config = ApiConfig::default();
+    let (routes, stopper) = ApiServer::new(store.clone(), api_config.clone())
+        .add_service(session.server())
+        .into_routes()
+        .await;
+    let api_task = tokio::spawn({
+        let metrics = metrics.clone();
+        let stopped = stopped();
+        async move {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            api::server_builder(&api_config)
+                // One connection may carry thousands of node sessions (a proxy, the
+                // benchmark's simulated agents).
+                .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+                .layer(metrics::grpc_layer(metrics))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    stopped.await;
+                    stopper.stop().await;
+                })
+                .await
+        }
+    });
+    if let Some(bound) = bound {
+        let _ = bound.send(addr);
+    }
+    info!(%addr, identity = %config.identity, "scheduler serving");
+
+    let lead_task = tokio::spawn(lead(
+        store.clone(),
+        cache.clone(),
+        config.clone(),
+        metrics.clone(),
+        stopped(),
+    ));
+    let gauges_task = tokio::spawn(node_gauges(cache.clone(), metrics.clone(), stopped()));
+
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Err(err) = lead_task.await {
+        warn!(%err, "leader task failed");
+    }
+    match api_task.await {
+        Ok(Err(err)) => warn!(%err, "API server failed"),
+        Err(err) => warn!(%err, "API task failed"),
+        Ok(Ok(())) => {}
+    }
+    let _ = cache_task.await;
+    let _ = gauges_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Campaigns for leadership and runs the controllers while elected, until `stopped`.
+async fn lead(
+    store: Arc<dyn Store>,
+    cache: Cache,
+    config: Config,
+    metrics: Arc<Metrics>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) {
+    let stopped = futures::FutureExt::shared(Box::pin(stopped));
+    loop {
+        let election = ElectionConfig {
+            ttl: config.leader_ttl,
+            ..ElectionConfig::new(config.identity.clone())
+        };
+        let leadership = match election::campaign(store.clone(), election, stopped.clone()).await {
+            Ok(Some(leadership)) => leadership,
+            Ok(None) => return,
+            Err(err) => {
+                warn!(%err, "campaign failed; retrying");
+                tokio::select! {
+                    _ = stopped.clone() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        metrics.set_leader(true);
+        let fence = leadership.fence();
+        let lost = leadership.lost();
+        let shutting_down = tokio::select! {
+            _ = controller::run(
+                store.clone(),
+                cache.clone(),
+                config.controller.clone(),
+                fence,
+                Some(metrics.clone()),
+                stopped.clone(),
+            ) => futures::FutureExt::now_or_never(stopped.clone()).is_some(),
+            loss = lost => {
+                warn!(%loss, "leadership lost; controllers stopped");
+                false
+            }
+        };
+        metrics.set_leader(false);
+        if shutting_down {
+            let _ = leadership.resign().await;
+            return;
+        }
+    }
+}
+
+/// Keeps the node gauges current.
+async fn node_gauges(cache: Cache, metrics: Arc<Metrics>, stopped: impl Future<Output = ()>) {
+    tokio::pin!(stopped);
+    loop {
+        {
+            let view = cache.read();
+            let ready = view.nodes.keys().filter(|n| view.is_live(n)).count();
+            metrics.set_nodes(ready, view.nodes.len() - ready);
+        }
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
