@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     replicas: usize,
     /// Applies in flight at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     concurrency: usize,
     /// etcd endpoint (a fresh, empty etcd); the embedded store in a temp dir when absent.
     #[arg(long)]

@@ -94,7 +94,14 @@ impl View {
             else {
                 return touched;
             };
-            touched.revision_of = Some(name.clone());
+            // Sessions holding an instance of this workload may be waiting for this spec.
+            touched.nodes.extend(
+                self.instances
+                    .get(&name)
+                    .into_iter()
+                    .flat_map(|ids| ids.values())
+                    .filter_map(|r| r.value.node.clone()),
+            );
             if put && let Some(value) = parse::<RevisionRecord>(&key, &kv.value) {
                 self.revisions.insert((name, generation), Arc::new(value));
             } else {
@@ -192,7 +199,6 @@ fn parse<T: for<'de> serde::Deserialize<'de>>(key: &str, value: &[u8]) -> Option
 #[derive(Debug, Default)]
 struct Touched {
     workload: Option<String>,
-    revision_of: Option<String>,
     nodes: Vec<String>,
     any_node: bool,
 }
@@ -321,8 +327,8 @@ impl Cache {
         dirty
     }
 
-    /// The wake-up of node `name`'s session: notified when an instance assigned to the node,
-    /// or a spec revision, changes.
+    /// The wake-up of node `name`'s session: notified when an instance assigned to the node
+    /// changes, or a spec revision of a workload with an instance on the node.
     pub fn node_notify(&self, name: &str) -> Arc<Notify> {
         self.inner
             .node_notify
@@ -373,7 +379,6 @@ impl Cache {
         let mut workloads = BTreeSet::new();
         let mut nodes = BTreeSet::new();
         let mut any_node = false;
-        let mut revisions_changed = false;
         {
             let mut view = self.inner.view.write().expect("view lock");
             for event in events {
@@ -381,7 +386,6 @@ impl Cache {
                 workloads.extend(touched.workload);
                 nodes.extend(touched.nodes);
                 any_node |= touched.any_node;
-                revisions_changed |= touched.revision_of.is_some();
             }
             view.revision = last.revision();
         }
@@ -394,18 +398,11 @@ impl Cache {
                 dirty.notify.notify_one();
             }
         }
-        {
+        if !nodes.is_empty() {
             let notifies = self.inner.node_notify.lock().expect("node notify lock");
-            if revisions_changed {
-                // A session may be waiting for the spec of an assignment it holds.
-                for notify in notifies.values() {
+            for node in &nodes {
+                if let Some(notify) = notifies.get(node) {
                     notify.notify_one();
-                }
-            } else {
-                for node in &nodes {
-                    if let Some(notify) = notifies.get(node) {
-                        notify.notify_one();
-                    }
                 }
             }
         }

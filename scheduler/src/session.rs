@@ -13,7 +13,8 @@
 //!    `mod_revision` (retried on conflict); what operators and the scheduler own
 //!    (`cordoned`, `draining`, `subnet`, `registered_at`) is kept from the existing record. In
 //!    the same transaction the node's `live` key is put, attached to a fresh lease of
-//!    `lease_ttl`.
+//!    `lease_ttl`. At most a few registrations write at once: in a reconnection storm the
+//!    others wait their turn without holding a lease yet.
 //! 3. The statuses the agent restored from the machine (`Register.instances`) are written,
 //!    fenced like every status report (below).
 //! 4. The scheduler answers `welcome`, then the node's full `AssignmentSet`, read from the
@@ -70,6 +71,10 @@
 //! agent holds one stream for its whole life: do not set `max_concurrent_streams` below the
 //! number of agents that may share one connection (tonic's default is no limit), and enable
 //! HTTP/2 keep-alive so that streams of vanished agents are noticed and closed.
+//!
+//! Agents send nothing but `register` until they are welcomed, so a session that waits for
+//! the store leaves no unread frames behind; afterwards it reads its stream continuously
+//! (h2 closes a whole connection once too many small frames sit unread on it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -85,7 +90,7 @@ use gantry::pb::scheduler_message::Message as ToAgent;
 use gantry::quantity::{Bytes, Cpu};
 use gantry::selector::{is_dns_label, validate_label_key, validate_label_value};
 use gantry::workload::{FieldError, ValidationErrors};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -110,6 +115,11 @@ const STATUS_TXNS_IN_FLIGHT: usize = 4;
 const STATUS_QUEUE: usize = 1024;
 /// Messages queued for one agent before its session waits.
 const OUTBOUND_QUEUE: usize = 16;
+/// Registrations writing to the store at once. A reconnection storm (a replica failing over
+/// thousands of agents) queues here rather than in the store, so that a node's lease is not
+/// granted long before the transaction that uses it, and heartbeats of registered nodes are
+/// not stuck behind it.
+const REGISTRATIONS_IN_FLIGHT: usize = 32;
 /// Attempts of the node record's compare-and-swap before registration gives up.
 const REGISTER_ATTEMPTS: usize = 5;
 /// First delay before the writer retries statuses the store could not take.
@@ -230,6 +240,7 @@ impl SessionService {
                 shutdown,
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
+                registrations: Semaphore::new(REGISTRATIONS_IN_FLIGHT),
                 writer: OnceLock::new(),
             }),
         }
@@ -274,6 +285,8 @@ struct Shared {
     /// The session serving each node in this process: its id, and how to end it.
     sessions: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
     next_session: AtomicU64,
+    /// Bounds the registrations in flight.
+    registrations: Semaphore,
     /// The status writer, started by the first session (a runtime is needed to spawn it).
     writer: OnceLock<mpsc::Sender<Vec<StatusWrite>>>,
 }
@@ -500,6 +513,8 @@ impl Shared {
         registered: &NodeRecord,
         now: Timestamp,
     ) -> Result<(NodeRecord, Revision, LeaseId), SessionError> {
+        // The semaphore is never closed.
+        let _permit = self.registrations.acquire().await;
         let name = &registered.name;
         let key = keys::node(name);
         let live = model::encode(&self.liveness(now));

@@ -93,6 +93,49 @@ struct Batch {
     events: Vec<Event>,
 }
 
+/// A write waiting for a group commit, and where its result goes.
+struct Queued {
+    write: Write,
+    reply: std::sync::mpsc::SyncSender<Result<Written>>,
+}
+
+/// The writes that share group commits: transactions and lease grants (a registration storm
+/// of nodes is a storm of both).
+enum Write {
+    Txn {
+        compares: Vec<Compare>,
+        success: Vec<Op>,
+        failure: Vec<Op>,
+    },
+    GrantLease {
+        ttl_ms: u64,
+    },
+}
+
+/// The result of a [`Write`].
+enum Written {
+    Txn(TxnResult),
+    Lease(LeaseId),
+}
+
+/// The first lease that `ops` put keys on and that does not exist.
+fn missing_lease(tables: &Tables<'_>, ops: &[Op]) -> Result<Option<LeaseId>> {
+    for op in ops {
+        if let Op::Put {
+            lease: Some(lease), ..
+        } = op
+            && tables
+                .leases
+                .get(lease.0)
+                .map_err(db_error("txn"))?
+                .is_none()
+        {
+            return Ok(Some(*lease));
+        }
+    }
+    Ok(None)
+}
+
 /// The in-memory half of a lease.
 #[derive(Debug, Clone, Copy)]
 struct LeaseTimer {
@@ -105,6 +148,8 @@ struct Inner {
     path: PathBuf,
     /// Serialises write transactions and the publication of their batches.
     writer: Mutex<()>,
+    /// Transactions waiting for the next group commit.
+    queue: Mutex<Vec<Queued>>,
     events: broadcast::Sender<Arc<Batch>>,
     leases: Mutex<HashMap<i64, LeaseTimer>>,
     /// Wakes the lease expiry task: a deadline moved earlier, or the store is closing.
@@ -157,6 +202,7 @@ impl EmbeddedStore {
             db,
             path,
             writer: Mutex::new(()),
+            queue: Mutex::new(Vec::new()),
             events,
             leases: Mutex::new(timers),
             lease_wake: Arc::new(Notify::new()),
@@ -523,25 +569,149 @@ impl Inner {
         Ok((state.into_values().collect(), at))
     }
 
+    /// Runs a transaction, committed together with whatever other transactions are queued
+    /// (group commit): each keeps its own revision, log entry and published batch, in queue
+    /// order, but they share one redb commit and so one fsync. The first caller to take the
+    /// writer lock commits the whole queue; the others find their result waiting.
     fn txn(&self, compares: Vec<Compare>, success: Vec<Op>, failure: Vec<Op>) -> Result<TxnResult> {
-        let (succeeded, current, revision) = self
-            .write("txn", false, |tables, current| {
-                let mut succeeded = true;
-                for compare in &compares {
-                    if !compare.holds(read_kv(&tables.kv, compare.key())?.as_ref()) {
-                        succeeded = false;
-                        break;
-                    }
-                }
-                let ops = if succeeded { success } else { failure };
-                let events = tables.apply(current + 1, ops)?;
-                Ok(((succeeded, current), events))
+        match self.grouped(Write::Txn {
+            compares,
+            success,
+            failure,
+        })? {
+            Written::Txn(result) => Ok(result),
+            Written::Lease(_) => unreachable!("a transaction answers with a transaction result"),
+        }
+    }
+
+    fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        match self.grouped(Write::GrantLease { ttl_ms })? {
+            Written::Lease(lease) => Ok(lease),
+            Written::Txn(_) => unreachable!("a grant answers with a lease"),
+        }
+    }
+
+    /// Queues `write` for the next group commit: writes queued together share one redb
+    /// commit and so one fsync, while each transaction keeps its own revision, log entry and
+    /// published batch, in queue order. The first caller to take the writer lock commits the
+    /// whole queue; the others find their result waiting.
+    fn grouped(&self, write: Write) -> Result<Written> {
+        let (reply, result) = std::sync::mpsc::sync_channel(1);
+        lock(&self.queue).push(Queued { write, reply });
+        let _writer = lock(&self.writer);
+        if let Ok(done) = result.try_recv() {
+            return done;
+        }
+        let queued = std::mem::take(&mut *lock(&self.queue));
+        self.commit_group(queued);
+        result.try_recv().unwrap_or_else(|_| {
+            Err(StoreError::Backend {
+                operation: "txn",
+                source: "group commit failed".into(),
             })
-            .map(|((succeeded, current), revision)| (succeeded, current, revision))?;
-        Ok(TxnResult {
-            succeeded,
-            revision: revision.unwrap_or(current),
         })
+    }
+
+    /// Commits `queued` in one redb transaction; the caller holds the writer lock.
+    fn commit_group(&self, queued: Vec<Queued>) {
+        const OP: &str = "txn";
+        let mut replies = Vec::with_capacity(queued.len());
+        let mut batches = Vec::new();
+        let mut pending = queued.into_iter();
+        let mut granted = false;
+        let outcome = (|| -> Result<()> {
+            let wtx = self.db.begin_write().map_err(db_error(OP))?;
+            {
+                let mut tables = Tables::open(&wtx, OP)?;
+                let mut current = read_meta(&tables.meta, META_REVISION)?;
+                for q in pending.by_ref() {
+                    let (compares, success, failure) = match q.write {
+                        Write::GrantLease { ttl_ms } => {
+                            let id = read_meta(&tables.meta, META_NEXT_LEASE)?;
+                            tables
+                                .meta
+                                .insert(META_NEXT_LEASE, id + 1)
+                                .map_err(db_error(OP))?;
+                            tables.leases.insert(id, ttl_ms).map_err(db_error(OP))?;
+                            granted = true;
+                            replies.push((q.reply, Ok(Written::Lease(LeaseId(id)))));
+                            continue;
+                        }
+                        Write::Txn {
+                            compares,
+                            success,
+                            failure,
+                        } => (compares, success, failure),
+                    };
+                    let mut succeeded = true;
+                    for compare in &compares {
+                        if !compare.holds(read_kv(&tables.kv, compare.key())?.as_ref()) {
+                            succeeded = false;
+                            break;
+                        }
+                    }
+                    let ops = if succeeded { success } else { failure };
+                    // The only error a valid transaction can meet half-way is a missing lease:
+                    // check before changing anything, so a failing one changes nothing.
+                    if let Some(lease) = missing_lease(&tables, &ops)? {
+                        replies.push((q.reply, Err(StoreError::LeaseNotFound { lease })));
+                        continue;
+                    }
+                    let events = tables.apply(current + 1, ops)?;
+                    if events.is_empty() {
+                        replies.push((
+                            q.reply,
+                            Ok(Written::Txn(TxnResult {
+                                succeeded,
+                                revision: current,
+                            })),
+                        ));
+                        continue;
+                    }
+                    current += 1;
+                    tables.append(current, &events)?;
+                    batches.push(Arc::new(Batch {
+                        revision: current,
+                        events,
+                    }));
+                    replies.push((
+                        q.reply,
+                        Ok(Written::Txn(TxnResult {
+                            succeeded,
+                            revision: current,
+                        })),
+                    ));
+                }
+            }
+            if batches.is_empty() && !granted {
+                wtx.abort().map_err(db_error(OP))?;
+            } else {
+                wtx.commit().map_err(db_error(OP))?;
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                for batch in batches {
+                    // No receivers is fine: nobody is watching.
+                    let _ = self.events.send(batch);
+                }
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(err) => {
+                // Nothing was committed: every transaction of the group fails alike.
+                let unanswered = pending.map(|q| q.reply);
+                for reply in replies.into_iter().map(|(r, _)| r).chain(unanswered) {
+                    let _ = reply.send(Err(StoreError::Backend {
+                        operation: OP,
+                        source: format!("group commit failed: {err}").into(),
+                    }));
+                }
+            }
+        }
     }
 
     fn compact(&self, revision: Revision) -> Result<()> {
@@ -569,23 +739,6 @@ impl Inner {
             meta.insert(META_COMPACT, revision).map_err(db_error(OP))?;
         }
         wtx.commit().map_err(db_error(OP))
-    }
-
-    fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
-        const OP: &str = "grant lease";
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let _writer = lock(&self.writer);
-        let wtx = self.db.begin_write().map_err(db_error(OP))?;
-        let id = {
-            let mut meta = wtx.open_table(META).map_err(db_error(OP))?;
-            let id = read_meta(&meta, META_NEXT_LEASE)?;
-            meta.insert(META_NEXT_LEASE, id + 1).map_err(db_error(OP))?;
-            let mut leases = wtx.open_table(LEASES).map_err(db_error(OP))?;
-            leases.insert(id, ttl_ms).map_err(db_error(OP))?;
-            id
-        };
-        wtx.commit().map_err(db_error(OP))?;
-        Ok(LeaseId(id))
     }
 
     /// Deletes the lease and its keys (one revision if it had keys).
