@@ -87,7 +87,6 @@ use gantry::pb;
 use gantry::pb::agent_message::Message as FromAgent;
 use gantry::pb::node_session_server::{NodeSession, NodeSessionServer};
 use gantry::pb::scheduler_message::Message as ToAgent;
-use gantry::quantity::{Bytes, Cpu};
 use gantry::selector::{is_dns_label, validate_label_key, validate_label_value};
 use gantry::workload::{FieldError, ValidationErrors};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
@@ -95,6 +94,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::api::convert;
 use crate::cache::{Cache, View};
 use crate::model::{self, InstanceRecord, Liveness, NodeRecord, RevisionRecord, Timestamp, keys};
 use crate::placement::Resources;
@@ -981,57 +981,13 @@ fn resources_from_pb(
     resources: Option<pb::Resources>,
     errors: &mut Vec<FieldError>,
 ) -> Resources {
-    let Some(pb::Resources { cpu, memory, pids }) = resources else {
+    let Some(resources) = resources else {
         errors.push(field_error(path, "required"));
         return Resources::ZERO;
     };
-    let cpu_millis = match cpu.map(|cpu| cpu.parse::<Cpu>()) {
-        Some(Ok(cpu)) => cpu.millis(),
-        Some(Err(err)) => {
-            errors.push(field_error(format!("{path}.cpu"), err.to_string()));
-            0
-        }
-        None => {
-            errors.push(field_error(format!("{path}.cpu"), "required"));
-            0
-        }
-    };
-    let memory_bytes = match memory.map(|memory| memory.parse::<Bytes>()) {
-        Some(Ok(bytes)) => bytes.get(),
-        Some(Err(err)) => {
-            errors.push(field_error(format!("{path}.memory"), err.to_string()));
-            0
-        }
-        None => {
-            errors.push(field_error(format!("{path}.memory"), "required"));
-            0
-        }
-    };
-    let pids = match pids {
-        Some(pids) => u64::from(pids),
-        None => {
-            errors.push(field_error(format!("{path}.pids"), "required"));
-            0
-        }
-    };
-    Resources {
-        cpu_millis,
-        memory_bytes,
-        pids,
-    }
-}
-
-fn resources_to_pb(resources: Resources) -> pb::Resources {
-    let Resources {
-        cpu_millis,
-        memory_bytes,
-        pids,
-    } = resources;
-    pb::Resources {
-        cpu: Some(Cpu::from_millis(cpu_millis).to_string()),
-        memory: Some(Bytes::new(memory_bytes).to_string()),
-        pids: Some(u32::try_from(pids).unwrap_or(u32::MAX)),
-    }
+    let (resources, problems) = convert::resource_amounts(path, resources, "required");
+    errors.extend(problems);
+    resources
 }
 
 /// An agent's instance status as the store keeps it, with the instance id. The wire's
@@ -1041,56 +997,22 @@ fn status_from_pb(
     status: pb::InstanceStatus,
     now: Timestamp,
 ) -> Result<(String, model::InstanceStatus), FieldError> {
-    let pb::InstanceStatus {
-        instance_id,
-        generation,
-        state,
-        reason,
-        message,
-        exit_code,
-        restart_count,
-        last_exit: _,
-        pull: _,
-        image_digest: _,
-        ip,
-        started_at,
-        ready_at,
-        finished_at,
-        observed_at,
-    } = status;
-    if instance_id.is_empty() {
-        return Err(field_error("instance_id", "required"));
-    }
-    let state = match pb::InstanceState::try_from(state) {
-        Ok(pb::InstanceState::Pending) => model::InstanceState::Pending,
-        Ok(pb::InstanceState::Pulling) => model::InstanceState::Pulling,
-        Ok(pb::InstanceState::Starting) => model::InstanceState::Starting,
-        Ok(pb::InstanceState::Running) => model::InstanceState::Running,
-        Ok(pb::InstanceState::Ready) => model::InstanceState::Ready,
-        Ok(pb::InstanceState::Exited) => model::InstanceState::Exited,
-        Ok(pb::InstanceState::OomKilled) => model::InstanceState::OomKilled,
-        Ok(pb::InstanceState::Failed) => model::InstanceState::Failed,
-        Ok(pb::InstanceState::Unspecified) | Err(_) => {
-            return Err(field_error(
-                "state",
-                format!("{state} is not an instance state (instance {instance_id})"),
-            ));
-        }
-    };
-    let status = model::InstanceStatus {
-        generation,
-        state,
-        reason,
-        message,
-        exit_code,
-        restart_count,
-        ip,
-        started_at: started_at.map(Timestamp::from),
-        ready_at: ready_at.map(Timestamp::from),
-        finished_at: finished_at.map(Timestamp::from),
-        observed_at: observed_at.map_or(now, Timestamp::from),
-    };
-    Ok((instance_id, status))
+    convert::instance_status_with(
+        status,
+        now,
+        || field_error("instance_id", "required"),
+        |state, instance_id| {
+            pb::InstanceState::try_from(state)
+                .ok()
+                .and_then(convert::instance_state)
+                .ok_or_else(|| {
+                    field_error(
+                        "state",
+                        format!("{state} is not an instance state (instance {instance_id})"),
+                    )
+                })
+        },
+    )
 }
 
 /// The node as `welcome` shows it: ready, as just registered.
@@ -1121,8 +1043,8 @@ fn node_to_pb(
     pb::Node {
         name,
         labels: labels.into_iter().collect(),
-        capacity: Some(resources_to_pb(capacity)),
-        allocatable: Some(resources_to_pb(allocatable)),
+        capacity: Some(convert::resources_to_pb(capacity)),
+        allocatable: Some(convert::resources_to_pb(allocatable)),
         allocated: None,
         address,
         os,
@@ -1184,24 +1106,10 @@ pub(crate) mod test_support {
     use super::{SessionConfig, SessionService};
     use crate::cache::Cache;
     use crate::model::{self, InstanceRecord, RevisionRecord, Timestamp, keys};
-    use crate::store::{EmbeddedStore, Revision, Store};
+    use crate::store::{Revision, Store};
 
-    /// An embedded store in a temp dir (dropped after the store).
-    pub(crate) struct TestStore {
-        pub(crate) store: Arc<dyn Store>,
-        _dir: tempfile::TempDir,
-    }
-
-    pub(crate) async fn store() -> TestStore {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = EmbeddedStore::open(dir.path().join("store.redb"))
-            .await
-            .expect("open embedded store");
-        TestStore {
-            store: Arc::new(store),
-            _dir: dir,
-        }
-    }
+    /// An embedded store in a temp dir, as the use-case tests make it.
+    pub(crate) use crate::ops::testing::store;
 
     /// Session settings for tests: short lease, quick heartbeats.
     pub(crate) fn config(identity: &str, lease_ttl: Duration) -> SessionConfig {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use gantry::pb;
 use gantry::quantity::{Bytes, Cpu};
-use gantry::workload::{Kind, Workload};
+use gantry::workload::{FieldError, Kind, Workload};
 
 use crate::model::{
     self, Condition, InstanceCounts, InstanceState, NoticeRecord, RevisionRecord, Timestamp,
@@ -334,16 +334,23 @@ pub fn kind_filter_from_pb(path: &str, kind: i32) -> Result<Option<Kind>, ops::E
 pub fn state_from_pb(path: &str, state: i32) -> Result<InstanceState, ops::Error> {
     let invalid = |why: &str| ops::Error::invalid(path, format!("{state} {why}"));
     match pb::InstanceState::try_from(state) {
-        Ok(pb::InstanceState::Unspecified) => Err(invalid("(unspecified) is not a state")),
-        Ok(pb::InstanceState::Pending) => Ok(InstanceState::Pending),
-        Ok(pb::InstanceState::Pulling) => Ok(InstanceState::Pulling),
-        Ok(pb::InstanceState::Starting) => Ok(InstanceState::Starting),
-        Ok(pb::InstanceState::Running) => Ok(InstanceState::Running),
-        Ok(pb::InstanceState::Ready) => Ok(InstanceState::Ready),
-        Ok(pb::InstanceState::Exited) => Ok(InstanceState::Exited),
-        Ok(pb::InstanceState::OomKilled) => Ok(InstanceState::OomKilled),
-        Ok(pb::InstanceState::Failed) => Ok(InstanceState::Failed),
+        Ok(known) => instance_state(known).ok_or_else(|| invalid("(unspecified) is not a state")),
         Err(_) => Err(invalid("is not an instance state")),
+    }
+}
+
+/// The domain's instance state for a wire one; `None` for unspecified.
+pub(crate) fn instance_state(state: pb::InstanceState) -> Option<InstanceState> {
+    match state {
+        pb::InstanceState::Unspecified => None,
+        pb::InstanceState::Pending => Some(InstanceState::Pending),
+        pb::InstanceState::Pulling => Some(InstanceState::Pulling),
+        pb::InstanceState::Starting => Some(InstanceState::Starting),
+        pb::InstanceState::Running => Some(InstanceState::Running),
+        pb::InstanceState::Ready => Some(InstanceState::Ready),
+        pb::InstanceState::Exited => Some(InstanceState::Exited),
+        pb::InstanceState::OomKilled => Some(InstanceState::OomKilled),
+        pb::InstanceState::Failed => Some(InstanceState::Failed),
     }
 }
 
@@ -374,7 +381,7 @@ pub fn object_kinds_from_pb(path: &str, kinds: Vec<i32>) -> Result<Vec<ObjectKin
             Ok(pb::ObjectKind::Workload) => out.push(ObjectKind::Workload),
             Ok(pb::ObjectKind::Instance) => out.push(ObjectKind::Instance),
             Ok(pb::ObjectKind::Node) => out.push(ObjectKind::Node),
-            Ok(pb::ObjectKind::Unspecified) | Err(_) => errors.push(gantry::workload::FieldError {
+            Ok(pb::ObjectKind::Unspecified) | Err(_) => errors.push(FieldError {
                 path: format!("{path}[{i}]"),
                 message: format!("{kind} is not an object kind"),
             }),
@@ -393,10 +400,29 @@ pub fn object_kinds_from_pb(path: &str, kinds: Vec<i32>) -> Result<Vec<ObjectKin
 pub fn instance_status_from_pb(
     status: pb::InstanceStatus,
 ) -> Result<(String, model::InstanceStatus), ops::Error> {
+    instance_status_with(
+        status,
+        Timestamp::default(),
+        || ops::Error::invalid("instance_id", "is required"),
+        |state, _| state_from_pb("state", state),
+    )
+}
+
+/// The status an agent reported for an instance, and the instance's id, for callers that
+/// word their own errors: `missing_id` when the id is empty, else `state` converts the
+/// wire state (given with the instance id). A missing `observed_at` is `observed_default`.
+///
+/// `last_exit`, `pull` and `image_digest` are not kept in the store yet and are dropped.
+pub(crate) fn instance_status_with<E>(
+    status: pb::InstanceStatus,
+    observed_default: Timestamp,
+    missing_id: impl FnOnce() -> E,
+    state: impl FnOnce(i32, &str) -> Result<InstanceState, E>,
+) -> Result<(String, model::InstanceStatus), E> {
     let pb::InstanceStatus {
         instance_id,
         generation,
-        state,
+        state: wire_state,
         reason,
         message,
         exit_code,
@@ -411,9 +437,9 @@ pub fn instance_status_from_pb(
         observed_at,
     } = status;
     if instance_id.is_empty() {
-        return Err(ops::Error::invalid("instance_id", "is required"));
+        return Err(missing_id());
     }
-    let state = state_from_pb("state", state)?;
+    let state = state(wire_state, &instance_id)?;
     Ok((
         instance_id,
         model::InstanceStatus {
@@ -427,17 +453,32 @@ pub fn instance_status_from_pb(
             started_at: started_at.map(Timestamp::from),
             ready_at: ready_at.map(Timestamp::from),
             finished_at: finished_at.map(Timestamp::from),
-            observed_at: observed_at.map(Timestamp::from).unwrap_or_default(),
+            observed_at: observed_at.map_or(observed_default, Timestamp::from),
         },
     ))
 }
 
 /// Resource amounts of a node (capacity or allocatable), all three required.
 pub fn resources_from_pb(path: &str, resources: pb::Resources) -> Result<Resources, ops::Error> {
+    let (resources, errors) = resource_amounts(path, resources, "is required");
+    if errors.is_empty() {
+        Ok(resources)
+    } else {
+        Err(ops::Error::InvalidArgument { errors })
+    }
+}
+
+/// Resource amounts of a node, all three required, and a problem per field that is missing
+/// (reported as `missing`) or does not parse; such a field reads as zero.
+pub(crate) fn resource_amounts(
+    path: &str,
+    resources: pb::Resources,
+    missing: &str,
+) -> (Resources, Vec<FieldError>) {
     let pb::Resources { cpu, memory, pids } = resources;
     let mut errors = Vec::new();
     let mut field = |name: &str, message: String| {
-        errors.push(gantry::workload::FieldError {
+        errors.push(FieldError {
             path: format!("{path}.{name}"),
             message,
         })
@@ -449,7 +490,7 @@ pub fn resources_from_pb(path: &str, resources: pb::Resources) -> Result<Resourc
             0
         }
         None => {
-            field("cpu", "is required".to_string());
+            field("cpu", missing.to_string());
             0
         }
     };
@@ -460,26 +501,23 @@ pub fn resources_from_pb(path: &str, resources: pb::Resources) -> Result<Resourc
             0
         }
         None => {
-            field("memory", "is required".to_string());
+            field("memory", missing.to_string());
             0
         }
     };
     let pids = match pids {
         Some(p) => u64::from(p),
         None => {
-            field("pids", "is required".to_string());
+            field("pids", missing.to_string());
             0
         }
     };
-    if errors.is_empty() {
-        Ok(Resources {
-            cpu_millis,
-            memory_bytes,
-            pids,
-        })
-    } else {
-        Err(ops::Error::InvalidArgument { errors })
-    }
+    let resources = Resources {
+        cpu_millis,
+        memory_bytes,
+        pids,
+    };
+    (resources, errors)
 }
 
 /// The page a list request asks for.

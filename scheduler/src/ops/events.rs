@@ -660,9 +660,8 @@ fn change_time(old: &State, new: &State) -> Option<Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::nodes::tests::{instance, node, put};
-    use crate::ops::testing::{service, store};
-    use crate::ops::workloads::apply;
+    use crate::ops::nodes::tests::{instance, node, put, put_instance};
+    use crate::ops::testing::{applied, service, store};
     use crate::store::Op;
 
     const WAIT: Duration = Duration::from_secs(30);
@@ -718,9 +717,7 @@ mod tests {
     async fn instance_record_and_status_merge_into_one_object() {
         let s = store().await;
         let st = &*s.store;
-        apply(st, service("web", 1), false, None, Timestamp(1))
-            .await
-            .unwrap();
+        applied(st, service("web", 1), Timestamp(1)).await;
         let mut stream = watch(s.store.clone(), query(0, WatchFilter::default()))
             .await
             .unwrap();
@@ -845,31 +842,12 @@ mod tests {
         };
         let mut api = watch(s.store.clone(), query(0, filter)).await.unwrap();
 
-        apply(st, service("web", 1), false, None, Timestamp(1))
-            .await
-            .unwrap();
-        put(
-            st,
-            &keys::instance("web", "web-a"),
-            &instance("web", "a", Some("n1")),
-        )
-        .await;
-        put(
-            st,
-            &keys::instance("web", "web-b"),
-            &instance("web", "b", None),
-        )
-        .await;
+        applied(st, service("web", 1), Timestamp(1)).await;
+        put_instance(st, "web", "a", Some("n1")).await;
+        put_instance(st, "web", "b", None).await;
         // Moved onto n2: the n2 watcher sees it.
-        put(
-            st,
-            &keys::instance("web", "web-b"),
-            &instance("web", "b", Some("n2")),
-        )
-        .await;
-        apply(st, service("api", 1), false, None, Timestamp(1))
-            .await
-            .unwrap();
+        put_instance(st, "web", "b", Some("n2")).await;
+        applied(st, service("api", 1), Timestamp(1)).await;
         put(
             st,
             &keys::notice(1, 0),
@@ -907,9 +885,8 @@ mod tests {
         q.bookmark_interval = Duration::from_secs(10);
         q.timeout = Some(Duration::from_secs(25));
         let mut stream = watch(s.store.clone(), q).await.unwrap();
-        let rev = apply(&*s.store, service("web", 1), false, None, Timestamp(1))
+        let rev = applied(&*s.store, service("web", 1), Timestamp(1))
             .await
-            .unwrap()
             .workload
             .revision;
         let bookmark = next(&mut stream).await;

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    Cursor, Error, ObjectKind, Page, PageRequest, Result, decode, get_at, key_suffix, paginate,
-    parse_selector, range,
+    Cursor, Error, ObjectKind, Page, PageRequest, Result, decode, get_at, get_now, key_suffix,
+    paginate, parse_selector, range, workloads_at,
 };
 use crate::model::{InstanceRecord, InstanceState, InstanceStatus, WorkloadRecord, keys};
 use crate::store::{KeyValue, Revision, Store};
@@ -58,18 +58,12 @@ pub async fn list_instances(
     };
     let (instance_kvs, at) = range(store, &instance_prefix, cursor.revision).await?;
     let (status_kvs, _) = range(store, &status_prefix, Some(at)).await?;
-    let (workload_kvs, _) = range(store, keys::WORKLOADS, Some(at)).await?;
     let statuses: HashMap<&str, &KeyValue> = status_kvs
         .iter()
         .filter_map(|kv| Some((key_suffix(kv, keys::STATUS)?, kv)))
         .collect();
-    let labels: HashMap<String, BTreeMap<String, String>> = workload_kvs
-        .iter()
-        .map(|kv| {
-            let w: WorkloadRecord = decode(kv)?;
-            Ok((w.spec.name, w.spec.labels))
-        })
-        .collect::<Result<_>>()?;
+    let labels: HashMap<String, BTreeMap<String, String>> =
+        workloads_at(store, at, |w| w.spec.labels).await?;
     let mut views = Vec::new();
     for kv in &instance_kvs {
         let record: InstanceRecord = decode(kv)?;
@@ -111,11 +105,7 @@ pub async fn list_instances(
 pub async fn get_instance(store: &dyn Store, id: &str) -> Result<InstanceView> {
     let not_found = || Error::not_found(ObjectKind::Instance, id);
     let (found, at) = match id.rsplit_once('-') {
-        Some((workload, _)) => {
-            let key = keys::instance(workload, id);
-            let (kvs, at) = range(store, &key, None).await?;
-            (kvs.into_iter().find(|kv| kv.key == key.as_bytes()), at)
-        }
+        Some((workload, _)) => get_now(store, &keys::instance(workload, id)).await?,
         None => (None, 0),
     };
     let (kv, at) = match found {
@@ -155,9 +145,8 @@ pub async fn get_instance(store: &dyn Store, id: &str) -> Result<InstanceView> {
 mod tests {
     use super::*;
     use crate::model::Timestamp;
-    use crate::ops::nodes::tests::{instance, put};
-    use crate::ops::testing::{service, store};
-    use crate::ops::workloads::apply;
+    use crate::ops::nodes::tests::{instance, put, put_instance};
+    use crate::ops::testing::{applied, service, store};
 
     fn status(state: InstanceState) -> InstanceStatus {
         InstanceStatus {
@@ -172,30 +161,11 @@ mod tests {
     async fn instances_join_record_status_and_labels() {
         let s = store().await;
         let st = &*s.store;
-        apply(st, service("web", 2), false, None, Timestamp(1))
-            .await
-            .unwrap();
-        apply(st, service("web-api", 1), false, None, Timestamp(1))
-            .await
-            .unwrap();
-        put(
-            st,
-            &keys::instance("web", "web-a1"),
-            &instance("web", "a1", Some("n1")),
-        )
-        .await;
-        put(
-            st,
-            &keys::instance("web", "web-b2"),
-            &instance("web", "b2", None),
-        )
-        .await;
-        put(
-            st,
-            &keys::instance("web-api", "web-api-c3"),
-            &instance("web-api", "c3", Some("n1")),
-        )
-        .await;
+        applied(st, service("web", 2), Timestamp(1)).await;
+        applied(st, service("web-api", 1), Timestamp(1)).await;
+        put_instance(st, "web", "a1", Some("n1")).await;
+        put_instance(st, "web", "b2", None).await;
+        put_instance(st, "web-api", "c3", Some("n1")).await;
         put(
             st,
             &keys::status("web", "web-a1"),

@@ -26,7 +26,7 @@ use std::fmt;
 use gantry::workload::FieldError;
 use serde::de::DeserializeOwned;
 
-use crate::model;
+use crate::model::{self, WorkloadRecord, keys};
 use crate::store::{KeyValue, Revision, Store, StoreError};
 
 pub use diff::FieldChange;
@@ -337,6 +337,28 @@ async fn get_at(store: &dyn Store, key: &str, at: Revision) -> Result<Option<Key
     Ok(kvs.into_iter().find(|kv| kv.key == key.as_bytes()))
 }
 
+/// Reads exactly `key` now, and the store revision of the read.
+async fn get_now(store: &dyn Store, key: &str) -> Result<(Option<KeyValue>, Revision)> {
+    let (kvs, at) = range(store, key, None).await?;
+    Ok((kvs.into_iter().find(|kv| kv.key == key.as_bytes()), at))
+}
+
+/// The workload records at revision `at` by name, each reduced by `part` to what the caller
+/// needs.
+async fn workloads_at<T, C: FromIterator<(String, T)>>(
+    store: &dyn Store,
+    at: Revision,
+    part: impl Fn(WorkloadRecord) -> T,
+) -> Result<C> {
+    let (kvs, _) = range(store, keys::WORKLOADS, Some(at)).await?;
+    kvs.iter()
+        .map(|kv| {
+            let w: WorkloadRecord = decode(kv)?;
+            Ok((w.spec.name.clone(), part(w)))
+        })
+        .collect()
+}
+
 /// Decodes a record, naming its key when it is corrupt.
 fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     model::decode(&kv.value).map_err(|source| Error::Corrupt {
@@ -363,6 +385,8 @@ pub(crate) mod testing {
 
     use gantry::workload::{Format, Workload, parse};
 
+    use crate::model::Timestamp;
+    use crate::ops::{ApplyOutcome, apply};
     use crate::store::{EmbeddedStore, Store};
 
     /// An embedded store and the temp dir that holds it (dropped after the store).
@@ -380,6 +404,13 @@ pub(crate) mod testing {
             store: Arc::new(store),
             _dir: dir,
         }
+    }
+
+    /// Applies `workload` at `now`: no dry run, no expected revision, and it must succeed.
+    pub async fn applied(store: &dyn Store, workload: Workload, now: Timestamp) -> ApplyOutcome {
+        apply(store, workload, false, None, now)
+            .await
+            .expect("test workload applies")
     }
 
     /// A workload from YAML.

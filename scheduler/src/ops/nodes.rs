@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use gantry::workload::{Kind, Workload};
 
 use super::{
-    Cursor, Error, MAX_ATTEMPTS, ObjectKind, Page, PageRequest, Result, decode, key_suffix,
-    paginate, parse_selector, range,
+    Cursor, Error, MAX_ATTEMPTS, ObjectKind, Page, PageRequest, Result, decode, get_now,
+    key_suffix, paginate, parse_selector, range, workloads_at,
 };
 use crate::model::{
     self, InstanceRecord, Liveness, NodeRecord, RevisionRecord, WorkloadRecord, keys,
@@ -117,14 +117,7 @@ impl Cluster {
             .collect::<Result<_>>()?;
         let (instance_kvs, _) = range(store, keys::INSTANCES, Some(at)).await?;
         let instances = instance_kvs.iter().map(decode).collect::<Result<_>>()?;
-        let (workload_kvs, _) = range(store, keys::WORKLOADS, Some(at)).await?;
-        let workloads = workload_kvs
-            .iter()
-            .map(|kv| {
-                let w: WorkloadRecord = decode(kv)?;
-                Ok((w.spec.name.clone(), w))
-            })
-            .collect::<Result<_>>()?;
+        let workloads = workloads_at(store, at, |w| w).await?;
         let (revision_kvs, _) = range(store, keys::REVISIONS, Some(at)).await?;
         let revisions = revision_kvs
             .iter()
@@ -222,8 +215,8 @@ async fn update_node(
 ) -> Result<NodeView> {
     let key = keys::node(name);
     for _ in 0..MAX_ATTEMPTS {
-        let (kvs, at) = range(store, &key, None).await?;
-        let Some(kv) = kvs.into_iter().find(|kv| kv.key == key.as_bytes()) else {
+        let (kv, at) = get_now(store, &key).await?;
+        let Some(kv) = kv else {
             return Err(Error::not_found(ObjectKind::Node, name));
         };
         let record: NodeRecord = decode(&kv)?;
@@ -288,14 +281,7 @@ pub async fn drain(store: &dyn Store, name: &str, dry_run: bool) -> Result<Drain
     };
     // The instances as of the node view's revision, so that both agree.
     let (instance_kvs, at) = range(store, keys::INSTANCES, None).await?;
-    let (workload_kvs, _) = range(store, keys::WORKLOADS, Some(at)).await?;
-    let kinds: BTreeMap<String, Kind> = workload_kvs
-        .iter()
-        .map(|kv| {
-            let w: WorkloadRecord = decode(kv)?;
-            Ok((w.spec.name, w.spec.kind))
-        })
-        .collect::<Result<_>>()?;
+    let kinds: BTreeMap<String, Kind> = workloads_at(store, at, |w| w.spec.kind).await?;
     let mut to_move = Vec::new();
     let mut staying = Vec::new();
     for kv in &instance_kvs {
@@ -319,8 +305,7 @@ pub async fn drain(store: &dyn Store, name: &str, dry_run: bool) -> Result<Drain
 pub(crate) mod tests {
     use super::*;
     use crate::model::Timestamp;
-    use crate::ops::testing::{service, spec, store};
-    use crate::ops::workloads::apply;
+    use crate::ops::testing::{applied, service, spec, store};
 
     pub(crate) fn node(name: &str) -> NodeRecord {
         NodeRecord {
@@ -350,6 +335,17 @@ pub(crate) mod tests {
             .unwrap();
     }
 
+    /// Puts [`instance`] `{workload}-{suffix}` under its key.
+    pub(crate) async fn put_instance(
+        store: &dyn Store,
+        workload: &str,
+        suffix: &str,
+        node: Option<&str>,
+    ) {
+        let record = instance(workload, suffix, node);
+        put(store, &keys::instance(workload, &record.id), &record).await;
+    }
+
     #[tokio::test]
     async fn nodes_show_readiness_and_allocation() {
         let s = store().await;
@@ -357,7 +353,7 @@ pub(crate) mod tests {
         let mut web = service("web", 2);
         web.resources.memory = Some(gantry::quantity::Bytes::new(64 << 20));
         web.resources.cpu = Some(gantry::quantity::Cpu::from_millis(500));
-        apply(st, web, false, None, Timestamp(1)).await.unwrap();
+        applied(st, web, Timestamp(1)).await;
         put(st, &keys::node("n1"), &node("n1")).await;
         put(st, &keys::node("n2"), &node("n2")).await;
         put(
@@ -369,18 +365,8 @@ pub(crate) mod tests {
             },
         )
         .await;
-        put(
-            st,
-            &keys::instance("web", "web-a"),
-            &instance("web", "a", Some("n1")),
-        )
-        .await;
-        put(
-            st,
-            &keys::instance("web", "web-b"),
-            &instance("web", "b", Some("n1")),
-        )
-        .await;
+        put_instance(st, "web", "a", Some("n1")).await;
+        put_instance(st, "web", "b", Some("n1")).await;
         let mut stopping = instance("web", "c", Some("n1"));
         stopping.stop_requested_at = Some(Timestamp(9));
         put(st, &keys::instance("web", "web-c"), &stopping).await;
@@ -428,30 +414,13 @@ pub(crate) mod tests {
     async fn drain_moves_all_but_daemons() {
         let s = store().await;
         let st = &*s.store;
-        apply(st, service("web", 2), false, None, Timestamp(1))
-            .await
-            .unwrap();
+        applied(st, service("web", 2), Timestamp(1)).await;
         let daemon = spec("kind: Daemon\nname: logs\nimage: busybox\n");
-        apply(st, daemon, false, None, Timestamp(1)).await.unwrap();
+        applied(st, daemon, Timestamp(1)).await;
         put(st, &keys::node("n1"), &node("n1")).await;
-        put(
-            st,
-            &keys::instance("web", "web-a"),
-            &instance("web", "a", Some("n1")),
-        )
-        .await;
-        put(
-            st,
-            &keys::instance("web", "web-b"),
-            &instance("web", "b", Some("n2")),
-        )
-        .await;
-        put(
-            st,
-            &keys::instance("logs", "logs-a"),
-            &instance("logs", "a", Some("n1")),
-        )
-        .await;
+        put_instance(st, "web", "a", Some("n1")).await;
+        put_instance(st, "web", "b", Some("n2")).await;
+        put_instance(st, "logs", "a", Some("n1")).await;
 
         let before = st.current_revision().await.unwrap();
         let dry = drain(st, "n1", true).await.unwrap();

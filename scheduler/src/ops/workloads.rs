@@ -17,7 +17,7 @@ use gantry::workload::{Kind, Mode, Workload};
 
 use super::{
     Cursor, Error, MAX_ATTEMPTS, MAX_RECORD_BYTES, ObjectKind, Page, PageRequest, Result, decode,
-    diff, get_at, key_suffix, paginate, parse_selector, range,
+    diff, get_at, get_now, key_suffix, paginate, parse_selector, range,
 };
 use crate::model::{
     self, KEPT_REVISIONS, RevisionRecord, Timestamp, WorkloadRecord, WorkloadStatus, keys,
@@ -73,8 +73,8 @@ struct Current {
 /// Reads workload `name`, its status and its kept revisions at one store revision.
 async fn read(store: &dyn Store, name: &str) -> Result<Option<Current>> {
     let key = keys::workload(name);
-    let (kvs, at) = range(store, &key, None).await?;
-    let Some(kv) = kvs.into_iter().find(|kv| kv.key == key.as_bytes()) else {
+    let (kv, at) = get_now(store, &key).await?;
+    let Some(kv) = kv else {
         return Ok(None);
     };
     let record: WorkloadRecord = decode(&kv)?;
@@ -521,7 +521,8 @@ pub async fn rollback(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{service, spec, store};
+    use crate::ops::nodes::tests::put;
+    use crate::ops::testing::{applied, service, spec, store};
 
     const T0: Timestamp = Timestamp(1_000);
 
@@ -543,9 +544,7 @@ mod tests {
     #[tokio::test]
     async fn apply_creates_generation_one() {
         let s = store().await;
-        let out = apply(&*s.store, service("web", 2), false, None, T0)
-            .await
-            .unwrap();
+        let out = applied(&*s.store, service("web", 2), T0).await;
         assert!(out.created && out.changed);
         assert_eq!(out.workload.record.generation, 1);
         assert_eq!(out.workload.record.created_at, T0);
@@ -559,13 +558,9 @@ mod tests {
     #[tokio::test]
     async fn applying_the_same_spec_writes_nothing() {
         let s = store().await;
-        let first = apply(&*s.store, service("web", 2), false, None, T0)
-            .await
-            .unwrap();
+        let first = applied(&*s.store, service("web", 2), T0).await;
         let before = s.store.current_revision().await.unwrap();
-        let again = apply(&*s.store, service("web", 2), false, None, Timestamp(2_000))
-            .await
-            .unwrap();
+        let again = applied(&*s.store, service("web", 2), Timestamp(2_000)).await;
         assert!(!again.changed && !again.created);
         assert!(again.changes.is_empty() && again.diff.is_empty());
         assert_eq!(again.workload, first.workload);
@@ -576,12 +571,8 @@ mod tests {
     #[tokio::test]
     async fn a_changed_spec_is_the_next_generation_with_a_diff() {
         let s = store().await;
-        apply(&*s.store, service("web", 2), false, None, T0)
-            .await
-            .unwrap();
-        let out = apply(&*s.store, service("web", 3), false, None, Timestamp(2_000))
-            .await
-            .unwrap();
+        applied(&*s.store, service("web", 2), T0).await;
+        let out = applied(&*s.store, service("web", 3), Timestamp(2_000)).await;
         assert!(out.changed && !out.created);
         assert_eq!(out.workload.record.generation, 2);
         assert_eq!(out.workload.record.created_at, T0);
@@ -651,16 +642,13 @@ mod tests {
     #[tokio::test]
     async fn a_status_write_does_not_make_the_spec_stale() {
         let s = store().await;
-        let first = apply(&*s.store, service("web", 2), false, None, T0)
-            .await
-            .unwrap();
-        s.store
-            .put(
-                keys::workload_status("web").as_bytes(),
-                &model::encode(&WorkloadStatus::default()),
-            )
-            .await
-            .unwrap();
+        let first = applied(&*s.store, service("web", 2), T0).await;
+        put(
+            &*s.store,
+            &keys::workload_status("web"),
+            &WorkloadStatus::default(),
+        )
+        .await;
         let got = get(&*s.store, "web").await.unwrap();
         assert!(got.revision > first.workload.revision);
         assert!(got.status.is_some());
@@ -695,9 +683,7 @@ mod tests {
     async fn only_the_newest_revisions_are_kept() {
         let s = store().await;
         for replicas in 1..=11 {
-            apply(&*s.store, service("web", replicas), false, None, T0)
-                .await
-                .unwrap();
+            applied(&*s.store, service("web", replicas), T0).await;
         }
         assert_eq!(
             revision_keys(&*s.store, "web").await,
@@ -714,8 +700,8 @@ mod tests {
         let v1 = service("web", 2);
         let mut v2 = v1.clone();
         v2.image = "busybox:1.37".into();
-        apply(&*s.store, v1.clone(), false, None, T0).await.unwrap();
-        apply(&*s.store, v2.clone(), false, None, T0).await.unwrap();
+        applied(&*s.store, v1.clone(), T0).await;
+        applied(&*s.store, v2.clone(), T0).await;
         scale(&*s.store, "web", 5, None, T0).await.unwrap();
 
         // Default target: the revision before the current generation (3), i.e. 2 — whose
@@ -753,9 +739,7 @@ mod tests {
     #[tokio::test]
     async fn rollback_without_an_earlier_revision_fails() {
         let s = store().await;
-        apply(&*s.store, service("web", 1), false, None, T0)
-            .await
-            .unwrap();
+        applied(&*s.store, service("web", 1), T0).await;
         let err = rollback(&*s.store, "web", None, T0).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
     }
@@ -763,22 +747,15 @@ mod tests {
     #[tokio::test]
     async fn delete_removes_spec_status_and_revisions() {
         let s = store().await;
-        apply(&*s.store, service("web", 1), false, None, T0)
-            .await
-            .unwrap();
-        apply(&*s.store, service("web", 2), false, None, T0)
-            .await
-            .unwrap();
-        apply(&*s.store, service("web-api", 1), false, None, T0)
-            .await
-            .unwrap();
-        s.store
-            .put(
-                keys::workload_status("web").as_bytes(),
-                &model::encode(&WorkloadStatus::default()),
-            )
-            .await
-            .unwrap();
+        applied(&*s.store, service("web", 1), T0).await;
+        applied(&*s.store, service("web", 2), T0).await;
+        applied(&*s.store, service("web-api", 1), T0).await;
+        put(
+            &*s.store,
+            &keys::workload_status("web"),
+            &WorkloadStatus::default(),
+        )
+        .await;
         let gone = delete(&*s.store, "web", None).await.unwrap();
         assert_eq!(gone.record.generation, 2);
         assert!(matches!(
@@ -804,9 +781,7 @@ mod tests {
     #[tokio::test]
     async fn kind_cannot_change() {
         let s = store().await;
-        apply(&*s.store, service("web", 1), false, None, T0)
-            .await
-            .unwrap();
+        applied(&*s.store, service("web", 1), T0).await;
         let job = spec("kind: Job\nname: web\nimage: busybox\n");
         let err = apply(&*s.store, job, false, None, T0).await.unwrap_err();
         assert_eq!(
@@ -818,9 +793,7 @@ mod tests {
     #[tokio::test]
     async fn scale_changes_services_only() {
         let s = store().await;
-        apply(&*s.store, service("web", 1), false, None, T0)
-            .await
-            .unwrap();
+        applied(&*s.store, service("web", 1), T0).await;
         let same = scale(&*s.store, "web", 1, None, T0).await.unwrap();
         assert_eq!(same.record.generation, 1);
         let scaled = scale(&*s.store, "web", 4, None, T0).await.unwrap();
@@ -829,7 +802,7 @@ mod tests {
         assert_eq!(history(&*s.store, "web").await.unwrap()[0].cause, "scale");
 
         let job = spec("kind: Job\nname: once\nimage: busybox\n");
-        apply(&*s.store, job, false, None, T0).await.unwrap();
+        applied(&*s.store, job, T0).await;
         let err = scale(&*s.store, "once", 3, None, T0).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
         assert!(matches!(
@@ -854,12 +827,10 @@ mod tests {
     async fn list_filters_by_selector_and_kind_and_pages() {
         let s = store().await;
         for name in ["c", "a", "b"] {
-            apply(&*s.store, service(name, 1), false, None, T0)
-                .await
-                .unwrap();
+            applied(&*s.store, service(name, 1), T0).await;
         }
         let job = spec("kind: Job\nname: d\nimage: busybox\nlabels: {app: a}\n");
-        apply(&*s.store, job, false, None, T0).await.unwrap();
+        applied(&*s.store, job, T0).await;
         let names = |page: &Page<WorkloadView>| -> Vec<String> {
             page.items.iter().map(|w| w.name().to_string()).collect()
         };
@@ -892,9 +863,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(names(&first), ["a", "b", "c"]);
-        apply(&*s.store, service("bb", 1), false, None, T0)
-            .await
-            .unwrap();
+        applied(&*s.store, service("bb", 1), T0).await;
         let second = list(
             &*s.store,
             "",
