@@ -35,6 +35,8 @@ use crate::store::{Compare, Op, Revision, Store};
 const MAX_TXN_OPS: usize = 120;
 /// Transactions in flight at once.
 const TXN_CONCURRENCY: usize = 16;
+/// Least time between two status writes of a workload that only change its counts.
+const STATUS_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Placement failures kept on an unplaced instance (the worst nodes are enough to explain).
 const KEPT_FAILURES: usize = 8;
 
@@ -79,6 +81,7 @@ pub async fn run(
     let mut tracker = nodes::Tracker::new(config.node_grace, config.lease_ttl);
     let mut last_full = Instant::now();
     let mut seen_revision: Revision = 0;
+    let mut pacer = StatusPacer::default();
     loop {
         let now = Timestamp::now();
         let full = last_full.elapsed() >= config.resync;
@@ -88,7 +91,7 @@ pub async fn run(
         if full {
             last_full = Instant::now();
         }
-        let names: BTreeSet<String> = if all {
+        let mut names: BTreeSet<String> = if all {
             let view = cache.read();
             view.workloads
                 .keys()
@@ -98,9 +101,16 @@ pub async fn run(
         } else {
             changes.workloads
         };
+        names.extend(pacer.take_due());
         if !names.is_empty() {
             let started = Instant::now();
-            let outcome = pass(&*store, &cache, &config, &fence, &tracker, &names, now).await;
+            let env = Env {
+                store: &*store,
+                cache: &cache,
+                config: &config,
+                fence: &fence,
+            };
+            let outcome = pass(env, &tracker, &mut pacer, &names, now).await;
             debug!(
                 workloads = names.len(),
                 placed = outcome.placed,
@@ -128,12 +138,53 @@ pub async fn run(
         let wake = tracker
             .next_deadline(now)
             .unwrap_or(config.resync)
-            .min(config.resync.saturating_sub(last_full.elapsed()));
+            .min(config.resync.saturating_sub(last_full.elapsed()))
+            .min(pacer.until_due().unwrap_or(Duration::MAX));
         tokio::select! {
             _ = &mut shutdown => return,
             _ = dirty.changed() => {}
             _ = tokio::time::sleep(wake) => {}
         }
+    }
+}
+
+/// Spaces out status-only writes of a workload (see [`STATUS_MIN_INTERVAL`]).
+#[derive(Debug, Default)]
+struct StatusPacer {
+    written: HashMap<String, Instant>,
+    deferred: BTreeSet<String>,
+    due: Option<Instant>,
+}
+
+impl StatusPacer {
+    fn record(&mut self, written: Vec<String>, deferred: Vec<String>) {
+        let now = Instant::now();
+        self.written
+            .retain(|_, t| now.duration_since(*t) < STATUS_MIN_INTERVAL);
+        for name in written {
+            self.deferred.remove(&name);
+            self.written.insert(name, now);
+        }
+        if !deferred.is_empty() && self.due.is_none() {
+            self.due = Some(now + STATUS_MIN_INTERVAL);
+        }
+        self.deferred.extend(deferred);
+    }
+
+    /// The deferred workloads, once their time has come.
+    fn take_due(&mut self) -> BTreeSet<String> {
+        match self.due {
+            Some(due) if Instant::now() >= due => {
+                self.due = None;
+                std::mem::take(&mut self.deferred)
+            }
+            _ => BTreeSet::new(),
+        }
+    }
+
+    fn until_due(&self) -> Option<Duration> {
+        self.due
+            .map(|d| d.saturating_duration_since(Instant::now()))
     }
 }
 
@@ -155,27 +206,42 @@ struct Work {
 }
 
 /// Decides for `names` and commits the result.
+/// What every pass works with.
+#[derive(Clone, Copy)]
+struct Env<'a> {
+    store: &'a dyn Store,
+    cache: &'a Cache,
+    config: &'a Config,
+    fence: &'a Compare,
+}
+
 async fn pass(
-    store: &dyn Store,
-    cache: &Cache,
-    config: &Config,
-    fence: &Compare,
+    env: Env<'_>,
     tracker: &nodes::Tracker,
+    pacer: &mut StatusPacer,
     names: &BTreeSet<String>,
     now: Timestamp,
 ) -> Outcome {
+    let Env {
+        store,
+        cache,
+        config,
+        fence,
+    } = env;
     let mut works = Vec::new();
     let mut pending = 0usize;
     {
         let view = cache.read();
         let snapshot = OnceCell::new();
-        let mut planner = Planner::new(&view, tracker, config, &snapshot);
+        let mut planner = Planner::new(&view, tracker, config, &snapshot, &pacer.written);
         for name in names {
             let work = planner.workload(name, now);
             pending += planner.pending;
             planner.pending = 0;
             works.extend(work);
         }
+        let (written, deferred) = (planner.written, planner.deferred);
+        pacer.record(written, deferred);
     }
     let mut outcome = Outcome {
         pending,
@@ -269,6 +335,12 @@ struct Planner<'a> {
     snapshot: &'a OnceCell<Snapshot>,
     cluster: Option<Cluster<'a>>,
     pending: usize,
+    /// When each workload's status was last written.
+    status_written: &'a HashMap<String, Instant>,
+    /// Workloads whose status write was put off.
+    deferred: Vec<String>,
+    /// Workloads whose status this pass writes.
+    written: Vec<String>,
 }
 
 impl<'a> Planner<'a> {
@@ -277,6 +349,7 @@ impl<'a> Planner<'a> {
         tracker: &'a nodes::Tracker,
         config: &'a Config,
         snapshot: &'a OnceCell<Snapshot>,
+        status_written: &'a HashMap<String, Instant>,
     ) -> Self {
         Planner {
             view,
@@ -285,6 +358,9 @@ impl<'a> Planner<'a> {
             snapshot,
             cluster: None,
             pending: 0,
+            status_written,
+            deferred: Vec::new(),
+            written: Vec::new(),
         }
     }
 
@@ -531,10 +607,23 @@ impl<'a> Planner<'a> {
         let unplaced = decision.status.counts.unplaced;
         self.pending += unplaced as usize;
         if previous_status != Some(&decision.status) {
-            ops.push(Op::put(
-                keys::workload_status(name),
-                model::encode(&decision.status),
-            ));
+            // A status that only moved its counts waits a little when nothing else is written
+            // for the workload, so a rollout of many instances costs a few status writes, not
+            // one per instance report. Anything else goes with the workload's other writes.
+            let minor = previous_status.is_some_and(|p| same_shape(p, &decision.status));
+            let recent = self
+                .status_written
+                .get(name)
+                .is_some_and(|t| t.elapsed() < STATUS_MIN_INTERVAL);
+            if minor && recent && ops.is_empty() {
+                self.deferred.push(name.to_owned());
+            } else {
+                ops.push(Op::put(
+                    keys::workload_status(name),
+                    model::encode(&decision.status),
+                ));
+                self.written.push(name.to_owned());
+            }
         }
         if ops.is_empty() {
             return None;
@@ -571,6 +660,17 @@ impl<'a> Planner<'a> {
             .get_or_insert_with(|| Cluster::new(cells.get_or_init(|| snapshot(view))));
         cluster.place(&request_for(name, spec, ids), &self.config.placement)
     }
+}
+
+/// Whether two statuses differ at most in counts and messages.
+fn same_shape(a: &model::WorkloadStatus, b: &model::WorkloadStatus) -> bool {
+    a.observed_generation == b.observed_generation
+        && a.last_good_generation == b.last_good_generation
+        && a.conditions.len() == b.conditions.len()
+        && a.conditions
+            .iter()
+            .zip(&b.conditions)
+            .all(|(x, y)| x.kind == y.kind && x.status == y.status && x.reason == y.reason)
 }
 
 /// The spec without what may change without replacing instances (`replicas`).
