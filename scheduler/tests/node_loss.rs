@@ -3,18 +3,18 @@
 //! 10 s grace (plus a little scheduling slack) its instance is replaced on another node; when the
 //! agent comes back, its stale instance is taken away from it.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod support;
 
-use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use gantry::pb;
 use gantry::pb::workloads_client::WorkloadsClient;
 use gantry_scheduler::model::{self, InstanceRecord, keys};
-use gantry_scheduler::server::{self, Config};
-use gantry_scheduler::sim::{SimAgent, SimConfig};
-use gantry_scheduler::store::{EmbeddedStore, Store};
+use gantry_scheduler::sim::SimConfig;
+use gantry_scheduler::store::Store;
+use support::{InProcess, wait_until};
 
 async fn assignments(store: &dyn Store) -> Result<BTreeMap<String, String>> {
     let (kvs, _) = store
@@ -30,55 +30,17 @@ async fn assignments(store: &dyn Store) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await? {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > limit {
-            bail!("{what}: not within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_has_its_instances_replaced_within_the_grace() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path().join("store.redb")).await?);
-    let config = Config::new("127.0.0.1:0".parse()?, dir.path().to_path_buf());
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run_with_store(
-        config,
-        store.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-        Some(bound_tx),
-    ));
-    let addr = format!("http://{}", bound_rx.await?);
-    let mut agents = Vec::new();
-    for n in 0..4 {
-        agents.push(
-            SimAgent::start(
-                vec![addr.clone()],
-                SimConfig {
-                    name: format!("node-{n}"),
-                    cpu_millis: 4_000,
-                    memory_bytes: 8 << 30,
-                    pids: 10_000,
-                    ..SimConfig::default()
-                },
-            )
-            .await,
-        );
-    }
+    let cluster = InProcess::start(4, |name| SimConfig {
+        name,
+        cpu_millis: 4_000,
+        memory_bytes: 8 << 30,
+        pids: 10_000,
+        ..SimConfig::default()
+    })
+    .await?;
+    let (store, addr, agents) = (&*cluster.store, &cluster.addr, &cluster.agents);
     let mut api = WorkloadsClient::connect(addr.clone()).await?;
     api.apply(pb::ApplyWorkloadRequest {
         spec: Some(pb::WorkloadSpec {
@@ -97,10 +59,10 @@ async fn a_silent_node_has_its_instances_replaced_within_the_grace() -> Result<(
     })
     .await?;
     wait_until("3 instances assigned", Duration::from_secs(20), || async {
-        Ok(assignments(&*store).await?.len() == 3)
+        Ok(assignments(store).await?.len() == 3)
     })
     .await?;
-    let before = assignments(&*store).await?;
+    let before = assignments(store).await?;
     let (victim_id, victim_node) = before.iter().next().context("no instance")?;
     let victim = agents
         .iter()
@@ -115,7 +77,7 @@ async fn a_silent_node_has_its_instances_replaced_within_the_grace() -> Result<(
 
     victim.pause_heartbeats(true);
     let replaced_after = wait_until("instance replaced", Duration::from_secs(20), || async {
-        let now = assignments(&*store).await?;
+        let now = assignments(store).await?;
         Ok(now.len() == 3
             && !now.contains_key(victim_id)
             && now.values().all(|node| node != victim_node))
@@ -138,12 +100,7 @@ async fn a_silent_node_has_its_instances_replaced_within_the_grace() -> Result<(
         || async { Ok(!victim.running().contains_key(victim_id)) },
     )
     .await?;
-    assert_eq!(assignments(&*store).await?.len(), 3);
+    assert_eq!(assignments(store).await?.len(), 3);
     eprintln!("replaced after {replaced_after:.2?}");
-    for agent in agents {
-        agent.stop().await;
-    }
-    let _ = stop_tx.send(());
-    server.await??;
-    Ok(())
+    cluster.stop().await
 }

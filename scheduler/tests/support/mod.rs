@@ -171,3 +171,93 @@ impl Drop for EtcdServer {
         self.kill();
     }
 }
+
+/// A scheduler replica running in the test process on the embedded store, with simulated
+/// agents (the real NodeSession API) to run its instances.
+pub struct InProcess {
+    /// The store the replica uses (the test reads it directly).
+    pub store: std::sync::Arc<dyn Store>,
+    /// `http://127.0.0.1:port` of its API.
+    pub addr: String,
+    /// The simulated nodes, `node-0`, `node-1`, ….
+    pub agents: Vec<gantry_scheduler::sim::SimAgent>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: TempDir,
+}
+
+impl InProcess {
+    /// Starts a replica and `nodes` agents built from `agent(name)`.
+    pub async fn start(
+        nodes: usize,
+        agent: impl Fn(String) -> gantry_scheduler::sim::SimConfig,
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(
+            gantry_scheduler::store::EmbeddedStore::open(dir.path().join("store.redb")).await?,
+        );
+        let config =
+            gantry_scheduler::server::Config::new("127.0.0.1:0".parse()?, dir.path().into());
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(gantry_scheduler::server::run_with_store(
+            config,
+            store.clone(),
+            async {
+                let _ = stop_rx.await;
+            },
+            Some(bound_tx),
+        ));
+        let addr = format!("http://{}", bound_rx.await?);
+        let mut agents = Vec::new();
+        for n in 0..nodes {
+            agents.push(
+                gantry_scheduler::sim::SimAgent::start(
+                    vec![addr.clone()],
+                    agent(format!("node-{n}")),
+                )
+                .await,
+            );
+        }
+        Ok(InProcess {
+            store,
+            addr,
+            agents,
+            stop: Some(stop_tx),
+            server: Some(server),
+            _dir: dir,
+        })
+    }
+
+    /// Stops the agents, then the replica.
+    pub async fn stop(mut self) -> Result<()> {
+        for agent in std::mem::take(&mut self.agents) {
+            agent.stop().await;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await??;
+        }
+        Ok(())
+    }
+}
+
+/// Polls `check` every 100 ms until it holds; fails after `limit`. Returns the time it took.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if check().await? {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+}
