@@ -35,7 +35,7 @@ pub fn reconcile(
     let remove: Vec<String> = observed
         .iter()
         .map(|(_, i)| i)
-        .filter(|i| i.stopping && (!i.placed || !i.node_live || i.state.is_terminal()))
+        .filter(|i| i.stopping && i.gone())
         .map(|i| i.id.clone())
         .collect();
     if !remove.is_empty() {
@@ -134,22 +134,7 @@ mod tests {
     use Action::*;
 
     fn inst(id: &str, node: &str) -> (Option<String>, Observed) {
-        (
-            Some(node.into()),
-            Observed {
-                id: id.into(),
-                current: true,
-                placed: true,
-                stopping: false,
-                draining: false,
-                lost: false,
-                node_live: true,
-                state: InstanceState::Ready,
-                exit_code: None,
-                restart_count: 0,
-                created_at: Timestamp(0),
-            },
-        )
+        (Some(node.into()), Observed::ready(id))
     }
 
     fn old((n, mut i): (Option<String>, Observed)) -> (Option<String>, Observed) {

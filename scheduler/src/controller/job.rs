@@ -32,11 +32,7 @@ pub fn reconcile(
     now: Timestamp,
 ) -> Decision {
     let mut actions = Vec::new();
-    let remove: Vec<String> = observed
-        .iter()
-        .filter(|i| i.lost || (i.stopping && (!i.placed || !i.node_live || i.state.is_terminal())))
-        .map(|i| i.id.clone())
-        .collect();
+    let remove = super::service::gone(observed);
     let live: Vec<&Observed> = observed.iter().filter(|i| !i.lost).collect();
     let succeeded_count = live.iter().filter(|i| succeeded(i)).count() as u32;
     let ended_failed = live
@@ -140,17 +136,9 @@ mod tests {
 
     fn inst(id: &str, state: InstanceState, exit_code: Option<i32>) -> Observed {
         Observed {
-            id: id.into(),
-            current: true,
-            placed: true,
-            stopping: false,
-            draining: false,
-            lost: false,
-            node_live: true,
             state,
             exit_code,
-            restart_count: 0,
-            created_at: Timestamp(0),
+            ..Observed::ready(id)
         }
     }
 

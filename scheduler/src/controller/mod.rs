@@ -379,10 +379,7 @@ impl<'a> Planner<'a> {
         let mut guard = Vec::new();
         for (id, rec) in instances {
             let observed = self.observe(&rec.value, true);
-            if observed.lost
-                || (observed.stopping
-                    && (!observed.placed || !observed.node_live || observed.state.is_terminal()))
-            {
+            if observed.gone() {
                 ops.push(Op::delete(keys::instance(name, id)));
                 ops.push(Op::delete(keys::status(name, id)));
             } else if !rec.value.stopping() {

@@ -59,6 +59,45 @@ pub struct Observed {
     pub created_at: Timestamp,
 }
 
+impl Observed {
+    /// Whether the record can go: the instance was lost with its node, or it was asked to
+    /// stop and has stopped — its process exited, it never got a node, or its node is not there
+    /// to stop it (should the node come back, its assignment set no longer holds the instance
+    /// and it stops it).
+    pub fn gone(&self) -> bool {
+        self.lost
+            || (self.stopping && (!self.placed || !self.node_live || self.state.is_terminal()))
+    }
+
+    /// A placed, ready instance of the current template on a live node: the starting point of
+    /// table tests.
+    #[cfg(test)]
+    pub fn ready(id: &str) -> Self {
+        Observed {
+            id: id.into(),
+            current: true,
+            placed: true,
+            stopping: false,
+            draining: false,
+            lost: false,
+            node_live: true,
+            state: InstanceState::Ready,
+            exit_code: None,
+            restart_count: 0,
+            created_at: Timestamp(0),
+        }
+    }
+}
+
+/// The ids of the instances whose records can go (see [`Observed::gone`]).
+pub fn gone(observed: &[Observed]) -> Vec<String> {
+    observed
+        .iter()
+        .filter(|i| i.gone())
+        .map(|i| i.id.clone())
+        .collect()
+}
+
 /// What the executor should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -99,14 +138,7 @@ pub fn reconcile(
 ) -> Decision {
     let mut actions = Vec::new();
 
-    // Gone or finished: remove the record. A stopping instance is finished once its process
-    // has exited, when it never got a node, or when its node is not there to stop it (should
-    // the node come back, its assignment set no longer holds the instance and it stops it).
-    let remove: Vec<String> = observed
-        .iter()
-        .filter(|i| i.lost || (i.stopping && (!i.placed || !i.node_live || i.state.is_terminal())))
-        .map(|i| i.id.clone())
-        .collect();
+    let remove = gone(observed);
     let active: Vec<&Observed> = observed.iter().filter(|i| !i.stopping && !i.lost).collect();
     if !remove.is_empty() {
         actions.push(Action::Remove(remove));
@@ -391,17 +423,8 @@ mod tests {
     /// Builder of an observed instance: `inst("a")` is current, placed, ready, on a live node.
     fn inst(id: &str) -> Observed {
         Observed {
-            id: id.into(),
-            current: true,
-            placed: true,
-            stopping: false,
-            draining: false,
-            lost: false,
-            node_live: true,
-            state: Ready,
-            exit_code: None,
-            restart_count: 0,
             created_at: Timestamp(id.bytes().map(i64::from).sum()),
+            ..Observed::ready(id)
         }
     }
 
