@@ -434,6 +434,90 @@ pub async fn serve(
         .await
 }
 
+/// A [`Store`](crate::store::Store) that records how long each operation takes
+/// (`gantry_scheduler_store_operation_duration_seconds{op}`); a watch is timed until its stream
+/// is open.
+pub struct MeteredStore {
+    inner: Arc<dyn crate::store::Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn crate::store::Store>, metrics: Arc<Metrics>) -> Self {
+        MeteredStore { inner, metrics }
+    }
+
+    async fn timed<T>(&self, op: &str, call: impl Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.metrics.observe_store(op, started.elapsed());
+        result
+    }
+}
+
+impl std::fmt::Debug for MeteredStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredStore").finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::store::Store for MeteredStore {
+    async fn get(&self, key: &[u8]) -> crate::store::Result<Option<crate::store::KeyValue>> {
+        self.timed("get", self.inner.get(key)).await
+    }
+
+    async fn range(
+        &self,
+        prefix: &[u8],
+        at: Option<crate::store::Revision>,
+    ) -> crate::store::Result<(Vec<crate::store::KeyValue>, crate::store::Revision)> {
+        self.timed("range", self.inner.range(prefix, at)).await
+    }
+
+    async fn txn(
+        &self,
+        compares: Vec<crate::store::Compare>,
+        success: Vec<crate::store::Op>,
+        failure: Vec<crate::store::Op>,
+    ) -> crate::store::Result<crate::store::TxnResult> {
+        self.timed("txn", self.inner.txn(compares, success, failure))
+            .await
+    }
+
+    async fn watch(
+        &self,
+        prefix: &[u8],
+        from: crate::store::Revision,
+    ) -> crate::store::Result<crate::store::WatchStream> {
+        self.timed("watch", self.inner.watch(prefix, from)).await
+    }
+
+    async fn compact(&self, revision: crate::store::Revision) -> crate::store::Result<()> {
+        self.timed("compact", self.inner.compact(revision)).await
+    }
+
+    async fn grant_lease(
+        &self,
+        ttl: std::time::Duration,
+    ) -> crate::store::Result<crate::store::LeaseId> {
+        self.timed("lease", self.inner.grant_lease(ttl)).await
+    }
+
+    async fn keep_alive(&self, lease: crate::store::LeaseId) -> crate::store::Result<()> {
+        self.timed("lease", self.inner.keep_alive(lease)).await
+    }
+
+    async fn revoke_lease(&self, lease: crate::store::LeaseId) -> crate::store::Result<()> {
+        self.timed("lease", self.inner.revoke_lease(lease)).await
+    }
+
+    async fn current_revision(&self) -> crate::store::Result<crate::store::Revision> {
+        self.timed("get", self.inner.current_revision()).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;

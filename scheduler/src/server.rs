@@ -114,6 +114,7 @@ pub async fn run_with_store(
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(metrics::MeteredStore::new(store, metrics.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -244,6 +245,7 @@ async fn lead(
         metrics.set_leader(true);
         let fence = leadership.fence();
         let lost = leadership.lost();
+        let compactor = tokio::spawn(compact(store.clone(), COMPACT_EVERY));
         let shutting_down = tokio::select! {
             _ = controller::run(
                 store.clone(),
@@ -258,11 +260,30 @@ async fn lead(
                 false
             }
         };
+        compactor.abort();
         metrics.set_leader(false);
         if shutting_down {
             let _ = leadership.resign().await;
             return;
         }
+    }
+}
+
+/// How often the leader compacts the store's history, keeping one period of it: watchers
+/// (Events streams, replicas' caches) that fall further behind re-list.
+const COMPACT_EVERY: Duration = Duration::from_secs(300);
+
+/// Compacts the store every `period` to the revision it had one period earlier.
+async fn compact(store: Arc<dyn Store>, period: Duration) {
+    let mut previous = None;
+    loop {
+        tokio::time::sleep(period).await;
+        if let Some(revision) = previous
+            && let Err(err) = store.compact(revision).await
+        {
+            warn!(%err, revision, "compaction failed");
+        }
+        previous = store.current_revision().await.ok();
     }
 }
 
