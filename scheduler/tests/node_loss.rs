@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use gantry::pb;
 use gantry::pb::workloads_client::WorkloadsClient;
-use gantry_scheduler::model::{self, InstanceRecord, keys};
+use gantry_scheduler::model::{self, InstanceRecord, NoticeRecord, keys};
 use gantry_scheduler::sim::SimConfig;
 use gantry_scheduler::store::Store;
 use support::{InProcess, wait_until};
@@ -91,6 +91,19 @@ async fn a_silent_node_has_its_instances_replaced_within_the_grace() -> Result<(
         replaced_after >= Duration::from_secs(9),
         "replaced after {replaced_after:?}: before the grace period ended"
     );
+
+    // Operators are told why.
+    let (notices, _) = store.range(keys::NOTICES.as_bytes(), None).await?;
+    let lost: Vec<NoticeRecord> = notices
+        .iter()
+        .map(|kv| model::decode(&kv.value))
+        .collect::<Result<Vec<NoticeRecord>, _>>()?
+        .into_iter()
+        .filter(|n| n.reason == "NodeLost")
+        .collect();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(&lost[0].name, victim_node);
+    assert!(lost[0].warning && lost[0].message.contains("no heartbeat for 10s"));
 
     // The node returns: its stale instance is taken away.
     victim.pause_heartbeats(false);

@@ -86,7 +86,11 @@ pub async fn run(
         let now = Timestamp::now();
         let full = last_full.elapsed() >= config.resync;
         let changes = dirty.take();
+        let lost_before = tracker.lost().clone();
         let lost_changed = tracker.observe(&cache.read(), now);
+        if lost_changed {
+            announce_lost(&*store, &cache, &fence, &tracker, &lost_before, now).await;
+        }
         let mut all = changes.nodes || full || lost_changed;
         if full {
             last_full = Instant::now();
@@ -206,6 +210,39 @@ struct Work {
 }
 
 /// Decides for `names` and commits the result.
+/// Writes a warning notice for each node lost since `before`.
+async fn announce_lost(
+    store: &dyn Store,
+    cache: &Cache,
+    fence: &Compare,
+    tracker: &nodes::Tracker,
+    before: &BTreeSet<String>,
+    now: Timestamp,
+) {
+    let ops: Vec<Op> = {
+        let view = cache.read();
+        tracker
+            .lost()
+            .difference(before)
+            .map(|node| {
+                let held = view.by_node.get(node).map_or(0, |set| set.len());
+                let message = format!(
+                    "node {node} sent no heartbeat for {}s: its Service and Job instances ({held} \
+                     assigned) are replaced elsewhere",
+                    tracker.grace().as_secs()
+                );
+                notice(view.revision, "node", node, true, "NodeLost", &message, now)
+            })
+            .collect()
+    };
+    if ops.is_empty() {
+        return;
+    }
+    if let Err(err) = store.txn(vec![fence.clone()], ops, Vec::new()).await {
+        warn!(?err, "writing node-lost notices failed");
+    }
+}
+
 /// What every pass works with.
 #[derive(Clone, Copy)]
 struct Env<'a> {
@@ -762,11 +799,20 @@ fn notice(
         model::encode(&NoticeRecord {
             kind: kind.to_owned(),
             name: name.to_owned(),
-            workload: name.to_owned(),
+            workload: if kind == "workload" {
+                name.to_owned()
+            } else {
+                String::new()
+            },
             warning,
             reason: reason.to_owned(),
             message: message.to_owned(),
-            source: "service-controller".to_owned(),
+            source: if kind == "node" {
+                "node-controller"
+            } else {
+                "service-controller"
+            }
+            .to_owned(),
             time: now,
         }),
     )

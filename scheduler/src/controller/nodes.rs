@@ -54,6 +54,16 @@ impl Tracker {
         changed
     }
 
+    /// Time after the last heartbeat at which a node is lost.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// The nodes that are lost now.
+    pub fn lost(&self) -> &BTreeSet<String> {
+        &self.lost
+    }
+
     /// Whether node `name` is lost.
     pub fn is_lost(&self, name: &str) -> bool {
         self.lost.contains(name)
