@@ -14,7 +14,7 @@
 //! | `/gantry/v1/nodes/{name}` | [`NodeRecord`] (registration, cordon, drain, subnet) | session (register), API (cordon, drain) |
 //! | `/gantry/v1/live/{name}` | [`Liveness`], attached to the session's lease | the scheduler serving the node's session |
 //! | `/gantry/v1/leader` | the leader's identity, attached to its lease | election |
-//! | `/gantry/v1/notices/{revision:020}-{n}` | [`NoticeRecord`], attached to a one-hour lease | controllers |
+//! | `/gantry/v1/notices/{revision:020}-{n}-{name}` | [`NoticeRecord`], pruned after an hour by the leader | controllers |
 //!
 //! A node is ready while its `live` key exists. Instance ids are never reused: an instance
 //! that is replaced gets a new id, so an id with its generation fences a stale node.

@@ -20,8 +20,9 @@ use crate::cache::Cache;
 use crate::controller;
 use crate::election::{self, ElectionConfig};
 use crate::metrics::{self, Metrics};
+use crate::model::{self, NoticeRecord, Timestamp, keys};
 use crate::session::{SessionConfig, SessionService};
-use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, Op, Store, StoreError};
 
 /// HTTP/2 streams one client connection may hold open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 65_536;
@@ -273,11 +274,18 @@ async fn lead(
 /// (Events streams, replicas' caches) that fall further behind re-list.
 const COMPACT_EVERY: Duration = Duration::from_secs(300);
 
-/// Compacts the store every `period` to the revision it had one period earlier.
+/// Notices are kept this long.
+const NOTICE_TTL: Duration = Duration::from_secs(3600);
+
+/// Compacts the store every `period` to the revision it had one period earlier, and deletes
+/// notices older than [`NOTICE_TTL`].
 async fn compact(store: Arc<dyn Store>, period: Duration) {
     let mut previous = None;
     loop {
         tokio::time::sleep(period).await;
+        if let Err(err) = prune_notices(&*store, Timestamp::now()).await {
+            warn!(%err, "pruning old notices failed");
+        }
         if let Some(revision) = previous
             && let Err(err) = store.compact(revision).await
         {
@@ -285,6 +293,21 @@ async fn compact(store: Arc<dyn Store>, period: Duration) {
         }
         previous = store.current_revision().await.ok();
     }
+}
+
+/// Deletes the notices older than [`NOTICE_TTL`] at `now`.
+async fn prune_notices(store: &dyn Store, now: Timestamp) -> Result<(), StoreError> {
+    let (kvs, _) = store.range(keys::NOTICES.as_bytes(), None).await?;
+    let cutoff = Timestamp(now.0 - NOTICE_TTL.as_millis() as i64);
+    let old: Vec<Op> = kvs
+        .iter()
+        .filter(|kv| model::decode::<NoticeRecord>(&kv.value).map_or(true, |n| n.time < cutoff))
+        .map(|kv| Op::delete(kv.key.clone()))
+        .collect();
+    for chunk in old.chunks(100) {
+        store.txn(Vec::new(), chunk.to_vec(), Vec::new()).await?;
+    }
+    Ok(())
 }
 
 /// Keeps the node gauges current.
@@ -300,5 +323,40 @@ async fn node_gauges(cache: Cache, metrics: Arc<Metrics>, stopped: impl Future<O
             _ = &mut stopped => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn old_notices_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("store.redb"))
+            .await
+            .unwrap();
+        let notice = |minutes_ago: i64| NoticeRecord {
+            kind: "node".into(),
+            name: "n1".into(),
+            workload: String::new(),
+            warning: true,
+            reason: "NodeLost".into(),
+            message: "m".into(),
+            source: "node-controller".into(),
+            time: Timestamp(10_000_000 - minutes_ago * 60_000),
+        };
+        store
+            .put(keys::notice(1, 0).as_bytes(), &model::encode(&notice(61)))
+            .await
+            .unwrap();
+        store
+            .put(keys::notice(2, 0).as_bytes(), &model::encode(&notice(59)))
+            .await
+            .unwrap();
+        prune_notices(&store, Timestamp(10_000_000)).await.unwrap();
+        let (left, _) = store.range(keys::NOTICES.as_bytes(), None).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].key, keys::notice(2, 0).as_bytes());
     }
 }
