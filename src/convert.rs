@@ -741,29 +741,7 @@ mod tests {
     use crate::workload::{Format, parse_and_validate};
 
     /// The example of the workload spec issue (as in `workload::parse`'s tests).
-    const EXAMPLE: &str = r#"
-kind: Service
-name: web
-labels: {app: web}
-replicas: 3
-image: registry.example:5000/web:1.2
-command: ["httpd"]
-args: ["-f", "-p", "80"]
-env: {GREETING: hello}
-workingDir: /srv
-user: "1000:1000"
-resources: {cpu: "0.5", memory: 64Mi, pids: 128}
-ports: [{container: 80, host: 8080, protocol: tcp}]
-volumes: [{type: bind, source: /data, target: /data, readOnly: true}, {type: tmpfs, target: /tmp, size: 64Mi}, {type: named, name: cache, target: /cache}]
-restart: {policy: always, backoff: {initial: 1s, max: 5m}}
-health: {readiness: {http: {path: /, port: 80}, period: 2s}, liveness: {tcp: {port: 80}}}
-placement: {nodeSelector: {zone: a}, constraints: ["disk in (ssd,nvme)"], spread: zone, antiAffinity: true}
-priority: 100
-update: {maxSurge: 1, maxUnavailable: 0, autoRollback: true, progressDeadline: 10m}
-stopSignal: SIGTERM
-stopGracePeriod: 10s
-network: bridge   # or host / none
-"#;
+    use crate::workload::EXAMPLE;
 
     /// The smallest valid workload.
     const MINIMAL: &str = "kind: Service\nname: web\nimage: web:1\n";

@@ -23,6 +23,10 @@ use crate::selector::Selector;
 pub use parse::{DocumentErrors, Error, Format, parse, parse_and_validate};
 pub use validate::{FieldError, ValidationErrors};
 
+/// A Service using every field, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) use parse::tests::EXAMPLE;
+
 /// Instances of a Service when `replicas` is not given.
 pub const DEFAULT_REPLICAS: u32 = 1;
 /// Successful instances a Job needs when `completions` is not given.

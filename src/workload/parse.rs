@@ -289,13 +289,14 @@ fn json_error(e: &serde_json::Error, document: Option<usize>, path: String) -> E
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::duration::Duration;
     use crate::quantity::{Bytes, Cpu};
     use crate::workload::{Kind, Mode, Network, Protocol, RestartPolicy, Update, VolumeKind};
 
-    const EXAMPLE: &str = r#"
+    /// A Service using every field; other modules' tests use it too.
+    pub(crate) const EXAMPLE: &str = r#"
 kind: Service
 name: web
 labels: {app: web}
