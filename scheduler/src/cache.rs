@@ -7,7 +7,7 @@
 //! only mean "look again" (a controller's dirty set, a node's `Notify`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -348,6 +348,14 @@ impl Cache {
             .remove(name);
     }
 
+    /// The live subscriptions; those whose controller is gone (a leader that stepped down)
+    /// are dropped here, so re-elections do not pile up subscriptions to feed.
+    fn subscribers(&self) -> MutexGuard<'_, Vec<Dirty>> {
+        let mut dirty = self.inner.dirty.lock().expect("dirty lock");
+        dirty.retain(|d| Arc::strong_count(&d.set) > 1);
+        dirty
+    }
+
     /// Replaces the whole view with a fresh listing at `revision`.
     fn load(&self, kvs: &[KeyValue], revision: Revision) {
         let mut view = View::default();
@@ -356,7 +364,7 @@ impl Cache {
         }
         view.revision = revision;
         *self.inner.view.write().expect("view lock") = view;
-        for dirty in self.inner.dirty.lock().expect("dirty lock").iter() {
+        for dirty in self.subscribers().iter() {
             dirty.set.lock().expect("dirty set lock").all = true;
             dirty.notify.notify_one();
         }
@@ -390,7 +398,7 @@ impl Cache {
             view.revision = last.revision();
         }
         if !workloads.is_empty() || any_node {
-            for dirty in self.inner.dirty.lock().expect("dirty lock").iter() {
+            for dirty in self.subscribers().iter() {
                 let mut set = dirty.set.lock().expect("dirty set lock");
                 set.names.extend(workloads.iter().cloned());
                 set.all |= any_node;
@@ -534,6 +542,16 @@ mod tests {
         view.apply(EventKind::Delete, &kv(&key, Vec::new(), 4));
         assert!(view.by_node.is_empty());
         assert!(view.instances.is_empty());
+    }
+
+    #[test]
+    fn dropped_subscriptions_are_forgotten() {
+        let cache = Cache::new();
+        let kept = cache.subscribe();
+        drop(cache.subscribe());
+        assert_eq!(cache.subscribers().len(), 1);
+        drop(kept);
+        assert!(cache.subscribers().is_empty());
     }
 
     #[test]

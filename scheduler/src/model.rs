@@ -14,7 +14,7 @@
 //! | `/gantry/v1/nodes/{name}` | [`NodeRecord`] (registration, cordon, drain, subnet) | session (register), API (cordon, drain) |
 //! | `/gantry/v1/live/{name}` | [`Liveness`], attached to the session's lease | the scheduler serving the node's session |
 //! | `/gantry/v1/leader` | the leader's identity, attached to its lease | election |
-//! | `/gantry/v1/notices/{revision:020}-{n}-{name}` | [`NoticeRecord`], pruned after an hour by the leader | controllers |
+//! | `/gantry/v1/notices/{revision:020}-{name}` | [`NoticeRecord`], pruned after an hour by the leader | controllers |
 //!
 //! A node is ready while its `live` key exists. Instance ids are never reused: an instance
 //! that is replaced gets a new id, so an id with its generation fences a stale node.
@@ -103,10 +103,10 @@ pub mod keys {
         format!("{LIVE}{name}")
     }
 
-    /// A notice written at store revision `after` (the revision the writer last saw), `n`-th
-    /// of its batch.
-    pub fn notice(after: i64, n: usize) -> String {
-        format!("{NOTICES}{after:020}-{n:04}")
+    /// A notice about object `name`, written at store revision `after` (the revision the
+    /// writer last saw): notices sort by time, one per object and revision.
+    pub fn notice(after: i64, name: &str) -> String {
+        format!("{NOTICES}{after:020}-{name}")
     }
 }
 
@@ -474,7 +474,7 @@ mod tests {
     #[test]
     fn revision_keys_sort_by_generation() {
         assert!(keys::revision("web", 9) < keys::revision("web", 10));
-        assert!(keys::notice(9, 1) < keys::notice(10, 0));
+        assert!(keys::notice(9, "b") < keys::notice(10, "a"));
     }
 
     #[test]

@@ -347,16 +347,22 @@ mod tests {
             time: Timestamp(10_000_000 - minutes_ago * 60_000),
         };
         store
-            .put(keys::notice(1, 0).as_bytes(), &model::encode(&notice(61)))
+            .put(
+                keys::notice(1, "n1").as_bytes(),
+                &model::encode(&notice(61)),
+            )
             .await
             .unwrap();
         store
-            .put(keys::notice(2, 0).as_bytes(), &model::encode(&notice(59)))
+            .put(
+                keys::notice(2, "n1").as_bytes(),
+                &model::encode(&notice(59)),
+            )
             .await
             .unwrap();
         prune_notices(&store, Timestamp(10_000_000)).await.unwrap();
         let (left, _) = store.range(keys::NOTICES.as_bytes(), None).await.unwrap();
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].key, keys::notice(2, 0).as_bytes());
+        assert_eq!(left[0].key, keys::notice(2, "n1").as_bytes());
     }
 }

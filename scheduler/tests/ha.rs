@@ -79,8 +79,7 @@ async fn client(addr: &str) -> Result<WorkloadsClient<tonic::transport::Channel>
     loop {
         match WorkloadsClient::connect(addr.to_owned()).await {
             Ok(c) => return Ok(c),
-            Err(err) if Instant::now() < deadline => {
-                let _ = err;
+            Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(err) => bail!("{addr} did not answer: {err}"),

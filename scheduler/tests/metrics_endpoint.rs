@@ -2,15 +2,16 @@
 //! leader with nodes, the leader gauge, node gauges, placements, API requests and store latency
 //! are all exposed.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use gantry::pb;
 use gantry::pb::workloads_client::WorkloadsClient;
-use gantry_scheduler::server::{self, Config};
-use gantry_scheduler::sim::{SimAgent, SimConfig};
-use gantry_scheduler::store::{EmbeddedStore, Store};
+use gantry_scheduler::sim::SimConfig;
+use support::InProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
@@ -32,25 +33,13 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_leader_nodes_placements_api_and_store() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let store: std::sync::Arc<dyn Store> =
-        std::sync::Arc::new(EmbeddedStore::open(dir.path().join("store.redb")).await?);
     let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut config = Config::new("127.0.0.1:0".parse()?, dir.path().into());
-    config.metrics_listen = Some(metrics_addr);
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run_with_store(
-        config,
-        store,
-        async {
-            let _ = stop_rx.await;
-        },
-        Some(bound_tx),
-    ));
-    let addr = format!("http://{}", bound_rx.await?);
-    let agent = SimAgent::start(vec![addr.clone()], SimConfig::new("node-0")).await;
-    agent.wait_connected().await;
+    let cluster = InProcess::start_with(1, SimConfig::new, |config| {
+        config.metrics_listen = Some(metrics_addr);
+    })
+    .await?;
+    cluster.agents[0].wait_connected().await;
+    let addr = cluster.addr.clone();
     let mut api = WorkloadsClient::connect(addr).await?;
     api.apply(pb::ApplyWorkloadRequest {
         spec: Some(pb::WorkloadSpec {
@@ -88,8 +77,5 @@ async fn metrics_expose_leader_nodes_placements_api_and_store() -> Result<()> {
     }
     assert_eq!(http_get(metrics_addr, "/healthz").await?.0, 200);
     assert_eq!(http_get(metrics_addr, "/readyz").await?.0, 200);
-    agent.stop().await;
-    let _ = stop_tx.send(());
-    server.await??;
-    Ok(())
+    cluster.stop().await
 }

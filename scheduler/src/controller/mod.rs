@@ -561,12 +561,13 @@ impl<'a> Planner<'a> {
                 }
                 service::Action::Place(ids) => {
                     let plan = self.place(name, spec, ids.clone());
+                    let outcomes = Outcomes::of(&plan);
                     for id in ids {
                         let Some(rec) = instances.get(&id) else {
                             continue;
                         };
                         let mut updated = rec.value.clone();
-                        apply_plan(&mut updated, &plan, now);
+                        outcomes.apply(&mut updated, now);
                         if updated != rec.value {
                             if updated.node.is_some() {
                                 placed += 1;
@@ -585,6 +586,7 @@ impl<'a> Planner<'a> {
                         .map(|n| instance_id(name, view.revision, n))
                         .collect();
                     let plan = self.place(name, spec, ids.clone());
+                    let outcomes = Outcomes::of(&plan);
                     for id in ids {
                         let mut rec = InstanceRecord {
                             id: id.clone(),
@@ -596,7 +598,7 @@ impl<'a> Planner<'a> {
                             placement_failures: Vec::new(),
                             stop_requested_at: None,
                         };
-                        apply_plan(&mut rec, &plan, now);
+                        outcomes.apply(&mut rec, now);
                         if rec.node.is_some() {
                             placed += 1;
                         }
@@ -722,22 +724,46 @@ fn instance_id(workload: &str, revision: Revision, n: u32) -> String {
     format!("{workload}-{revision:x}{n:05x}")
 }
 
-/// Records a plan's outcome for one instance on its record.
-fn apply_plan(rec: &mut InstanceRecord, plan: &placement::Plan, now: Timestamp) {
-    if let Some(a) = plan.assignments.iter().find(|a| a.instance == rec.id) {
-        rec.node = Some(a.node.clone());
-        rec.scheduled_at = Some(now);
-        rec.placement_failures.clear();
-    } else if let Some(u) = plan.unplaced.iter().find(|u| u.instance == rec.id) {
-        rec.placement_failures = if u.reasons.is_empty() {
-            vec!["no nodes are registered".to_owned()]
-        } else {
-            u.reasons
+/// A plan's outcome by instance id: a large scale-up looks each instance up once, not by a
+/// scan of the plan.
+struct Outcomes<'p> {
+    placed: HashMap<&'p str, &'p str>,
+    unplaced: HashMap<&'p str, &'p placement::Unplaced>,
+}
+
+impl<'p> Outcomes<'p> {
+    fn of(plan: &'p placement::Plan) -> Self {
+        Outcomes {
+            placed: plan
+                .assignments
                 .iter()
-                .take(KEPT_FAILURES)
-                .map(|r| format!("{}: {}", r.node, r.reason))
-                .collect()
-        };
+                .map(|a| (a.instance.as_str(), a.node.as_str()))
+                .collect(),
+            unplaced: plan
+                .unplaced
+                .iter()
+                .map(|u| (u.instance.as_str(), u))
+                .collect(),
+        }
+    }
+
+    /// Records the outcome for one instance on its record.
+    fn apply(&self, rec: &mut InstanceRecord, now: Timestamp) {
+        if let Some(node) = self.placed.get(rec.id.as_str()) {
+            rec.node = Some((*node).to_owned());
+            rec.scheduled_at = Some(now);
+            rec.placement_failures.clear();
+        } else if let Some(u) = self.unplaced.get(rec.id.as_str()) {
+            rec.placement_failures = if u.reasons.is_empty() {
+                vec!["no nodes are registered".to_owned()]
+            } else {
+                u.reasons
+                    .iter()
+                    .take(KEPT_FAILURES)
+                    .map(|r| format!("{}: {}", r.node, r.reason))
+                    .collect()
+            };
+        }
     }
 }
 
@@ -795,7 +821,7 @@ fn notice(
     now: Timestamp,
 ) -> Op {
     Op::put(
-        keys::notice(after, 0) + "-" + name,
+        keys::notice(after, name),
         model::encode(&NoticeRecord {
             kind: kind.to_owned(),
             name: name.to_owned(),

@@ -850,7 +850,7 @@ mod tests {
         applied(st, service("api", 1), Timestamp(1)).await;
         put(
             st,
-            &keys::notice(1, 0),
+            &keys::notice(1, "n1"),
             &NoticeRecord {
                 kind: "workload".into(),
                 name: "api".into(),

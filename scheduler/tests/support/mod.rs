@@ -192,12 +192,22 @@ impl InProcess {
         nodes: usize,
         agent: impl Fn(String) -> gantry_scheduler::sim::SimConfig,
     ) -> Result<Self> {
+        Self::start_with(nodes, agent, |_| {}).await
+    }
+
+    /// [`InProcess::start`] with the replica's configuration adjusted by `configure`.
+    pub async fn start_with(
+        nodes: usize,
+        agent: impl Fn(String) -> gantry_scheduler::sim::SimConfig,
+        configure: impl FnOnce(&mut gantry_scheduler::server::Config),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(
             gantry_scheduler::store::EmbeddedStore::open(dir.path().join("store.redb")).await?,
         );
-        let config =
+        let mut config =
             gantry_scheduler::server::Config::new("127.0.0.1:0".parse()?, dir.path().into());
+        configure(&mut config);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(gantry_scheduler::server::run_with_store(
