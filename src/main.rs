@@ -1,19 +1,34 @@
-//! `gantry`: the command-line client of Gantry. The cluster verbs (`up`, `apply`, `get`, …) talk
-//! to gantry-scheduler's gRPC API; until the control plane lands, the node runtime is driven with
-//! `gantry-agent ctr`.
+//! `gantry`: the command-line client of Gantry. Parses the command line, runs the verb against
+//! gantry-scheduler's API (see `cli`), and turns the outcome into an exit code: 0 ok, 1 error,
+//! 2 usage.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod cli;
+
+use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Gantry: containers on a fleet of Linux machines.
-#[derive(Parser, Debug)]
-#[command(name = "gantry", version, about)]
-struct Cli {}
-
-fn main() {
-    let _ = Cli::parse();
-    eprintln!(
-        "gantry: the cluster commands need gantry-scheduler, which is not part of this build yet;\n\
-         run containers on this machine with `gantry-agent ctr --help`"
-    );
-    std::process::exit(2);
+fn main() -> ExitCode {
+    // clap prints usage errors and exits with 2 (0 for --help and --version).
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(cli::error::EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::from(cli::error::EXIT_OK),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(cli::error::exit_code(&err))
+        }
+    }
 }

@@ -50,6 +50,9 @@ pub struct View {
     pub live: BTreeMap<String, Liveness>,
     /// Ids of the instances assigned to each node, as (workload, id).
     pub by_node: HashMap<String, BTreeSet<(String, String)>>,
+    /// Counts changes to node records and live keys: equal counts mean the same nodes with
+    /// the same liveness, so a reader can skip looking at every node again.
+    pub membership: u64,
 }
 
 impl View {
@@ -157,6 +160,7 @@ impl View {
                 self.statuses.remove(id);
             }
         } else if let Some(name) = key.strip_prefix(keys::NODES) {
+            self.membership += 1;
             touched.any_node = true;
             touched.nodes.push(name.to_owned());
             if put && let Some(value) = parse::<NodeRecord>(&key, &kv.value) {
@@ -165,6 +169,7 @@ impl View {
                 self.nodes.remove(name);
             }
         } else if let Some(name) = key.strip_prefix(keys::LIVE) {
+            self.membership += 1;
             touched.any_node = true;
             touched.nodes.push(name.to_owned());
             if put && let Some(value) = parse::<Liveness>(&key, &kv.value) {

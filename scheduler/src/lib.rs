@@ -8,6 +8,7 @@ pub mod api;
 pub mod cache;
 pub mod controller;
 pub mod election;
+mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod ops;

@@ -12,9 +12,9 @@
 //! 2. The node record is upserted at `keys::node(name)` with a compare-and-swap on its
 //!    `mod_revision` (retried on conflict); what operators and the scheduler own
 //!    (`cordoned`, `draining`, `subnet`, `registered_at`) is kept from the existing record. In
-//!    the same transaction the node's `live` key is put, attached to a fresh lease of
-//!    `lease_ttl`. At most a few registrations write at once: in a reconnection storm the
-//!    others wait their turn without holding a lease yet.
+//!    the same transaction the node's `live` key is put on the replica's liveness lease. At
+//!    most a few registrations write at once: in a reconnection storm the others wait their
+//!    turn.
 //! 3. The statuses the agent restored from the machine (`Register.instances`) are written,
 //!    fenced like every status report (below).
 //! 4. The scheduler answers `welcome`, then the node's full `AssignmentSet`, read from the
@@ -32,17 +32,16 @@
 //!
 //! # Liveness
 //!
-//! A node is ready while its `live` key exists. The key hangs on a store lease that only the
-//! agent's heartbeats keep alive (one `keep_alive` per heartbeat, no store write): a silent
-//! agent loses its lease `lease_ttl` after its last heartbeat, even while its stream looks
-//! open. When a heartbeat finds the lease gone (the node was considered down), the session
-//! grants a new lease and puts the `live` key again.
+//! A node is ready while its `live` key exists. The key hangs on the serving replica's one
+//! liveness lease ([`crate::liveness`]); heartbeats touch memory only, and a node silent for
+//! `lease_ttl` — even while its stream looks open — has its key deleted. A heartbeat after
+//! that puts the key again.
 //!
-//! When the stream ends or breaks, the lease is deliberately **not** revoked: it expires on
-//! its own, so a node turns NotReady exactly `lease_ttl` after its last heartbeat, whatever
-//! happened to the connection. An agent that reconnects within that time (to this replica or
-//! another one) never shows as NotReady. A new registration of a node supersedes an older
-//! session of the same node in this process (the older one ends with `ABORTED`).
+//! When the stream ends or breaks, the key is deliberately **not** deleted at once: it goes
+//! `lease_ttl` after the last heartbeat, whatever happened to the connection. An agent that
+//! reconnects within that time (to this replica or another one) never shows as NotReady. A
+//! new registration of a node supersedes an older session of the same node in this process
+//! (the older one ends with `ABORTED`).
 //!
 //! # Status reports
 //!
@@ -96,9 +95,10 @@ use tracing::{debug, info, warn};
 
 use crate::api::convert;
 use crate::cache::{Cache, View};
-use crate::model::{self, InstanceRecord, Liveness, NodeRecord, RevisionRecord, Timestamp, keys};
+use crate::liveness::LiveKeys;
+use crate::model::{self, InstanceRecord, NodeRecord, RevisionRecord, Timestamp, keys};
 use crate::placement::Resources;
-use crate::store::{Compare, LeaseId, Op, Revision, Store, StoreError};
+use crate::store::{Compare, Op, Revision, Store, StoreError};
 
 /// How often agents are told to heartbeat unless configured otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -132,8 +132,8 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub struct SessionConfig {
     /// How often agents heartbeat (sent to them in `welcome`).
     pub heartbeat_interval: Duration,
-    /// TTL of a node's liveness lease: a node turns NotReady this long after its last
-    /// heartbeat. Keep it a few heartbeats long.
+    /// A node turns NotReady this long after its last heartbeat (also the TTL of the
+    /// replica's liveness lease). Keep it a few heartbeats long.
     pub lease_ttl: Duration,
     /// The name of this scheduler replica, recorded in the nodes' liveness keys.
     pub identity: String,
@@ -242,6 +242,7 @@ impl SessionService {
                 next_session: AtomicU64::new(1),
                 registrations: Semaphore::new(REGISTRATIONS_IN_FLIGHT),
                 writer: OnceLock::new(),
+                live: OnceLock::new(),
             }),
         }
     }
@@ -289,6 +290,8 @@ struct Shared {
     registrations: Semaphore,
     /// The status writer, started by the first session (a runtime is needed to spawn it).
     writer: OnceLock<mpsc::Sender<Vec<StatusWrite>>>,
+    /// The live keys of the nodes served here, started by the first session.
+    live: OnceLock<LiveKeys>,
 }
 
 /// One status put, encoded.
@@ -316,7 +319,8 @@ struct Planned {
 /// What one session knows of its node.
 struct NodeState {
     name: String,
-    lease: LeaseId,
+    /// This session's id in the process.
+    session: u64,
     /// Assignments as last sent, by instance id.
     sent: HashMap<String, Sent>,
     /// Statuses this session last queued for writing, by instance id.
@@ -334,6 +338,7 @@ struct Attachment {
 impl Drop for Attachment {
     fn drop(&mut self) {
         let mut sessions = self.shared.sessions.lock().expect("sessions lock");
+        self.shared.live().detached(&self.node, self.id);
         if sessions
             .get(&self.node)
             .is_some_and(|(id, _)| *id == self.id)
@@ -413,7 +418,9 @@ impl Shared {
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        let (record, node_revision, lease) = self.register_node(&registration.node, now).await?;
+        let (record, node_revision) = self
+            .register_node(&registration.node, attachment.id)
+            .await?;
         info!(node = %name, boot_id = %record.boot_id, "node registered");
         let caught_up = node_revision.max(registration.applied_revision);
         if tokio::time::timeout(ttl, self.cache.wait_for(caught_up))
@@ -425,7 +432,7 @@ impl Shared {
 
         let mut state = NodeState {
             name,
-            lease,
+            session: attachment.id,
             sent: HashMap::new(),
             reported: HashMap::new(),
         };
@@ -506,20 +513,21 @@ impl Shared {
         (attachment, rx)
     }
 
-    /// Upserts the node record and puts its `live` key on a new lease; returns the record
-    /// as written, the revision of its last write, and the lease.
+    /// Upserts the node record and puts its `live` key on the replica's lease for session
+    /// `session`; returns the record as written and the revision of its last write.
     async fn register_node(
         &self,
         registered: &NodeRecord,
-        now: Timestamp,
-    ) -> Result<(NodeRecord, Revision, LeaseId), SessionError> {
+        session: u64,
+    ) -> Result<(NodeRecord, Revision), SessionError> {
         // The semaphore is never closed.
         let _permit = self.registrations.acquire().await;
         let name = &registered.name;
         let key = keys::node(name);
-        let live = model::encode(&self.liveness(now));
-        let mut lease = self.store.grant_lease(self.config.lease_ttl).await?;
+        let live_keys = self.live();
+        let live = live_keys.value();
         for _ in 0..REGISTER_ATTEMPTS {
+            let lease = live_keys.lease().await?;
             let current = self.store.get(key.as_bytes()).await?;
             let (existing, expected) = match &current {
                 None => (None, 0),
@@ -540,17 +548,18 @@ impl Shared {
             let compare = vec![Compare::mod_revision(key.clone(), expected)];
             let result = match self.store.txn(compare, ops, Vec::new()).await {
                 Err(StoreError::LeaseNotFound { .. }) => {
-                    // The store was slower than the TTL (a registration storm): try again
-                    // with a fresh lease.
-                    debug!(node = %name, "node lease expired before registration; retrying");
-                    lease = self.store.grant_lease(self.config.lease_ttl).await?;
+                    // The replica could not reach the store for a TTL: replace the lease and
+                    // try again.
+                    debug!(node = %name, "liveness lease expired before registration; retrying");
+                    live_keys.replace_lost(lease).await?;
                     continue;
                 }
                 result => result?,
             };
             if result.succeeded {
+                live_keys.registered(name, session, result.revision);
                 let revision = if unchanged { expected } else { result.revision };
-                return Ok((record, revision, lease));
+                return Ok((record, revision));
             }
             debug!(node = %name, "node record changed during registration; retrying");
         }
@@ -560,11 +569,15 @@ impl Shared {
         })
     }
 
-    fn liveness(&self, now: Timestamp) -> Liveness {
-        Liveness {
-            scheduler: self.config.identity.clone(),
-            since: now,
-        }
+    fn live(&self) -> &LiveKeys {
+        self.live.get_or_init(|| {
+            LiveKeys::start(
+                self.store.clone(),
+                self.config.lease_ttl,
+                self.config.identity.clone(),
+                self.shutdown.clone(),
+            )
+        })
     }
 
     async fn handle(
@@ -574,7 +587,9 @@ impl Shared {
     ) -> Result<(), SessionError> {
         let pb::AgentMessage { message } = message;
         match message {
-            Some(FromAgent::Heartbeat(pb::Heartbeat { .. })) => self.heartbeat(state).await,
+            Some(FromAgent::Heartbeat(pb::Heartbeat { .. })) => {
+                self.live().heartbeat(&state.name, state.session).await
+            }
             Some(FromAgent::Status(pb::StatusReport { instances })) => {
                 let now = Timestamp::now();
                 let mut statuses = Vec::with_capacity(instances.len());
@@ -595,37 +610,6 @@ impl Shared {
             None => debug!(node = %state.name, "empty agent message ignored"),
         }
         Ok(())
-    }
-
-    /// Keeps the node's lease alive; a lease that already expired is replaced, and the `live`
-    /// key put again, so the node is ready again.
-    async fn heartbeat(&self, state: &mut NodeState) {
-        match self.store.keep_alive(state.lease).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseNotFound { .. }) => match self.revive(&state.name).await {
-                Ok(lease) => {
-                    info!(node = %state.name, "node heartbeat after its lease expired; live again");
-                    state.lease = lease;
-                }
-                Err(err) => {
-                    warn!(node = %state.name, ?err, "renewing an expired node lease failed")
-                }
-            },
-            Err(err) => warn!(node = %state.name, ?err, "keeping the node lease alive failed"),
-        }
-    }
-
-    async fn revive(&self, name: &str) -> Result<LeaseId, StoreError> {
-        let lease = self.store.grant_lease(self.config.lease_ttl).await?;
-        let live = model::encode(&self.liveness(Timestamp::now()));
-        self.store
-            .txn(
-                Vec::new(),
-                vec![Op::put_with_lease(keys::live(name), live, lease)],
-                Vec::new(),
-            )
-            .await?;
-        Ok(lease)
     }
 
     /// Queues the statuses of the instances the view assigns to this node, unless equal to
@@ -1269,6 +1253,8 @@ mod tests {
 
     use super::test_support::*;
     use super::*;
+    use crate::model::Liveness;
+    use crate::store::LeaseId;
 
     const TTL: Duration = Duration::from_secs(5);
 
@@ -1721,7 +1707,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_lease_lives_on_heartbeats_only() {
+    async fn the_live_key_lives_on_heartbeats_only() {
         let ttl = Duration::from_millis(1000);
         let store = store().await;
         let s = &*store.store;
@@ -1748,14 +1734,15 @@ mod tests {
             "gone after {gone_after:?}"
         );
 
-        // A heartbeat after expiry makes the node live again, on a new lease.
+        // A heartbeat after that makes the node live again, on the replica's lease, which the
+        // replica kept alive all along.
         agent.heartbeat().await;
         let (liveness, lease) = eventually("the node to be live again", || async {
             live(s, "n1").await
         })
         .await;
         assert_eq!(liveness.scheduler, "s");
-        assert_ne!(lease, first_lease);
+        assert_eq!(lease, first_lease);
 
         // A closed stream does not revoke the lease: it expires on its own.
         drop(agent);

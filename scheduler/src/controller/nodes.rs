@@ -2,10 +2,12 @@
 //! heartbeat (the node is NotReady from then on), and the node is lost `grace` after that last
 //! heartbeat, when its Service instances are re-placed.
 //!
-//! The tracker remembers, per node, the last time it saw the node live; for a node it has never
-//! seen live (a new leader, a node already gone) it assumes the last heartbeat was one lease TTL
-//! before it first looked, which is exact when the lease has just expired and errs on the side
-//! of waiting otherwise.
+//! The tracker notes, per node that is not live, when its last heartbeat was: one lease TTL
+//! before the tracker first saw it without its live key. That is exact when the key has just
+//! gone (the controller looks as soon as the view changes) and errs on the side of waiting
+//! otherwise (a new leader, a node already gone). It only looks at every node again when node
+//! records or live keys changed ([`View::membership`]) or a node's grace ran out, so a pass
+//! costs nothing per node in a steady cluster.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -18,8 +20,13 @@ use crate::model::Timestamp;
 pub struct Tracker {
     grace: Duration,
     lease_ttl: Duration,
-    last_live: HashMap<String, Timestamp>,
+    /// Assumed last heartbeat of each node without a live key.
+    down_since: HashMap<String, Timestamp>,
     lost: BTreeSet<String>,
+    /// `View::membership` when the nodes were last looked at.
+    seen: Option<u64>,
+    /// When the next node that is down becomes lost.
+    next_due: Option<Timestamp>,
 }
 
 impl Tracker {
@@ -28,27 +35,42 @@ impl Tracker {
         Tracker {
             grace,
             lease_ttl,
-            last_live: HashMap::new(),
+            down_since: HashMap::new(),
             lost: BTreeSet::new(),
+            seen: None,
+            next_due: None,
         }
     }
 
     /// Updates from a view at time `now`; returns whether the set of lost nodes changed.
     pub fn observe(&mut self, view: &View, now: Timestamp) -> bool {
+        if self.seen == Some(view.membership) && self.next_due.is_none_or(|due| now < due) {
+            return false;
+        }
+        self.seen = Some(view.membership);
         let assumed = Timestamp(now.0 - self.lease_ttl.as_millis() as i64);
-        let mut lost = BTreeSet::new();
         for name in view.nodes.keys() {
             if view.is_live(name) {
-                self.last_live.insert(name.clone(), now);
-                continue;
-            }
-            let last = *self.last_live.entry(name.clone()).or_insert(assumed);
-            if now.since(last) >= self.grace {
-                lost.insert(name.clone());
+                self.down_since.remove(name);
+            } else if !self.down_since.contains_key(name) {
+                self.down_since.insert(name.clone(), assumed);
             }
         }
-        self.last_live
+        self.down_since
             .retain(|name, _| view.nodes.contains_key(name));
+        let grace = self.grace;
+        let lost: BTreeSet<String> = self
+            .down_since
+            .iter()
+            .filter(|(_, last)| now.since(**last) >= grace)
+            .map(|(name, _)| name.clone())
+            .collect();
+        self.next_due = self
+            .down_since
+            .values()
+            .filter(|last| now.since(**last) < grace)
+            .map(|last| Timestamp(last.0 + grace.as_millis() as i64))
+            .min();
         let changed = lost != self.lost;
         self.lost = lost;
         changed
@@ -71,12 +93,9 @@ impl Tracker {
 
     /// Time from `now` until the next node that is not live becomes lost.
     pub fn next_deadline(&self, now: Timestamp) -> Option<Duration> {
-        self.last_live
-            .iter()
-            .filter(|(name, last)| !self.lost.contains(*name) && now.since(**last) > Duration::ZERO)
-            .map(|(_, last)| self.grace.saturating_sub(now.since(*last)))
+        self.next_due
+            .map(|due| Duration::from_millis(due.0.saturating_sub(now.0).max(0) as u64))
             .filter(|d| !d.is_zero())
-            .min()
     }
 }
 
@@ -87,7 +106,12 @@ mod tests {
     use crate::model::{Liveness, NodeRecord};
 
     fn view(nodes: &[(&str, bool)]) -> View {
-        let mut view = View::default();
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static CHANGES: AtomicU64 = AtomicU64::new(1);
+        let mut view = View {
+            membership: CHANGES.fetch_add(1, Ordering::Relaxed),
+            ..View::default()
+        };
         for (name, live) in nodes {
             view.nodes.insert(
                 name.to_string(),
@@ -128,6 +152,20 @@ mod tests {
         // It comes back.
         assert!(t.observe(&view(&[("n1", true)]), Timestamp(12_000)));
         assert!(!t.is_lost("n1"));
+    }
+
+    #[test]
+    fn an_unchanged_view_is_looked_at_again_only_when_a_grace_runs_out() {
+        let mut t = Tracker::new(Duration::from_secs(10), Duration::from_secs(6));
+        let down = view(&[("n1", false), ("n2", true)]);
+        assert!(!t.observe(&down, Timestamp(6_000)));
+        assert!(
+            !t.observe(&down, Timestamp(9_000)),
+            "same view, before the deadline"
+        );
+        assert!(t.observe(&down, Timestamp(10_000)), "the deadline passed");
+        assert_eq!(t.lost().iter().collect::<Vec<_>>(), ["n1"]);
+        assert_eq!(t.next_deadline(Timestamp(10_000)), None);
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! `gantry run IMAGE [-- CMD ARGS…]`: a Service made from flags, docker-style. With `-d` it is
+//! created and the command returns; the attached mode (output streamed, the container's exit
+//! code returned) needs log streaming, which the scheduler does not serve yet.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use anyhow::bail;
+use clap::Args;
+use gantry::pb;
+use gantry::quantity::{Bytes, Cpu};
+use gantry::workload::{Kind, Port, Protocol, RestartPolicy, Workload};
+use tonic::Code;
+
+use super::error::{self, UsageError};
+use super::{Ctx, print};
+
+/// `gantry run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Image reference (`busybox`, `registry.example:5000/team/web:1.2`).
+    pub image: String,
+    /// Command and arguments after `--`; they replace the image's CMD.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+    /// Workload name (default: from the image name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Environment variable `K=V` (`K` alone takes the value from this environment).
+    /// Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Published port `HOST:CONTAINER[/tcp|udp]` (or `CONTAINER[/proto]`, not published).
+    /// Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER[/PROTO]")]
+    pub ports: Vec<String>,
+    /// CPU limit in cores (`0.5`, `500m`, `2`).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Memory limit (`64Mi`, `1G`).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Limit on processes and threads.
+    #[arg(long)]
+    pub pids: Option<u32>,
+    /// Restart policy: always, on-failure or never (`no` also works).
+    #[arg(long, value_name = "POLICY")]
+    pub restart: Option<String>,
+    /// Instances to run.
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// Label `K=V` of the workload and its instances. Repeatable.
+    #[arg(short = 'l', long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+    /// Create the workload and return (the attached mode is not supported yet).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+}
+
+/// A workload name from an image reference: its last path segment without tag or digest,
+/// made a DNS label (`registry:5000/team/My_App:1.2` → `my-app`).
+pub fn name_from_image(image: &str) -> Option<String> {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    let base = last.split(':').next().unwrap_or(last);
+    let mut name: String = base
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() { c } else { '-' }
+        })
+        .collect();
+    name.truncate(63);
+    let name = name.trim_matches('-').to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+fn usage(message: String) -> anyhow::Error {
+    UsageError(message).into()
+}
+
+/// A published port from `HOST:CONTAINER[/PROTO]` or `CONTAINER[/PROTO]`.
+pub fn parse_port(text: &str) -> anyhow::Result<Port> {
+    let bad = || {
+        usage(format!(
+            "-p {text}: expected HOST:CONTAINER[/tcp|udp] or CONTAINER[/tcp|udp], like 8080:80"
+        ))
+    };
+    let (ports, protocol) = match text.split_once('/') {
+        Some((ports, "tcp")) => (ports, Protocol::Tcp),
+        Some((ports, "udp")) => (ports, Protocol::Udp),
+        Some(_) => return Err(bad()),
+        None => (text, Protocol::Tcp),
+    };
+    let number = |s: &str| s.parse::<u32>().map_err(|_| bad());
+    let (host, container) = match ports.split_once(':') {
+        Some((host, container)) => (Some(number(host)?), number(container)?),
+        None => (None, number(ports)?),
+    };
+    Ok(Port {
+        container,
+        host,
+        protocol,
+    })
+}
+
+fn parse_pair(flag: &str, text: &str, from_env: bool) -> anyhow::Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        None if from_env && !text.is_empty() => match std::env::var(text) {
+            Ok(v) => Ok((text.to_string(), v)),
+            Err(_) => Err(usage(format!(
+                "{flag} {text}: no value given and {text} is not set here; use {flag} {text}=VALUE"
+            ))),
+        },
+        _ => Err(usage(format!("{flag} {text}: expected K=V"))),
+    }
+}
+
+/// The Service the flags describe.
+pub fn workload_from(args: &RunArgs) -> anyhow::Result<Workload> {
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => name_from_image(&args.image).ok_or_else(|| {
+            usage(format!(
+                "cannot make a workload name from the image `{}`; give one with --name",
+                args.image
+            ))
+        })?,
+    };
+    // Every field at its default, as an empty workload file would have it.
+    let mut w: Workload = serde_json::from_value(serde_json::json!({
+        "kind": "Service",
+        "name": name,
+        "image": args.image,
+    }))?;
+    debug_assert_eq!(w.kind, Kind::Service);
+    w.args = args.command.clone();
+    w.replicas = args.replicas;
+    w.env = args
+        .env
+        .iter()
+        .map(|e| parse_pair("-e", e, true))
+        .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+    w.labels = args
+        .labels
+        .iter()
+        .map(|l| parse_pair("-l", l, false))
+        .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+    w.ports = args
+        .ports
+        .iter()
+        .map(|p| parse_port(p))
+        .collect::<anyhow::Result<_>>()?;
+    if let Some(cpu) = &args.cpu {
+        w.resources.cpu = Some(Cpu::from_str(cpu).map_err(|e| usage(format!("--cpu {cpu}: {e}")))?);
+    }
+    if let Some(memory) = &args.memory {
+        w.resources.memory =
+            Some(Bytes::from_str(memory).map_err(|e| usage(format!("--memory {memory}: {e}")))?);
+    }
+    w.resources.pids = args.pids;
+    if let Some(restart) = &args.restart {
+        w.restart.policy = Some(match restart.as_str() {
+            "always" | "unless-stopped" => RestartPolicy::Always,
+            "on-failure" => RestartPolicy::OnFailure,
+            "never" | "no" => RestartPolicy::Never,
+            other => {
+                return Err(usage(format!(
+                    "--restart {other}: expected always, on-failure or never"
+                )));
+            }
+        });
+    }
+    if let Err(errors) = w.validate() {
+        let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+        bail!(
+            "the flags make an invalid workload; nothing was sent to the scheduler:\n  {}",
+            lines.join("\n  ")
+        );
+    }
+    Ok(w)
+}
+
+/// `gantry run`.
+pub async fn run(ctx: &mut Ctx, args: RunArgs) -> anyhow::Result<()> {
+    let workload = workload_from(&args)?;
+    let name = workload.name.clone();
+    if !args.detach {
+        bail!(
+            "running attached (output streamed, exiting with the container's code) is not supported yet: \
+             it needs log streaming, which the scheduler does not serve yet; run it in the background \
+             with `gantry run -d …` and follow it with `gantry get instances --workload {name} -w`"
+        );
+    }
+    let client = ctx.client().await?;
+    let request = pb::ApplyWorkloadRequest {
+        spec: Some(pb::WorkloadSpec::from(workload)),
+        dry_run: false,
+        // Create only: `run` never changes an existing workload.
+        expected_revision: Some(0),
+    };
+    match client.workloads().apply(client.request(request)).await {
+        Ok(_) => print(&format!("workload/{name} created\n")),
+        Err(status) if status.code() == Code::FailedPrecondition => bail!(
+            "workload {name} already exists; choose another --name, change it with `gantry apply`, \
+             or remove it with `gantry delete workload {name}`"
+        ),
+        Err(status) => Err(error::api(status, client.address())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(line: &[&str]) -> RunArgs {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut argv = vec!["run"];
+        argv.extend(line);
+        Wrap::try_parse_from(argv).unwrap().run
+    }
+
+    #[test]
+    fn names_come_from_images() {
+        assert_eq!(name_from_image("busybox").as_deref(), Some("busybox"));
+        assert_eq!(
+            name_from_image("registry:5000/team/My_App:1.2").as_deref(),
+            Some("my-app")
+        );
+        assert_eq!(name_from_image("web@sha256:abc").as_deref(), Some("web"));
+        assert_eq!(name_from_image("___"), None);
+    }
+
+    #[test]
+    fn ports_read_like_docker() {
+        let p = parse_port("8080:80/udp").unwrap();
+        assert_eq!(
+            (p.host, p.container, p.protocol),
+            (Some(8080), 80, Protocol::Udp)
+        );
+        let p = parse_port("80").unwrap();
+        assert_eq!((p.host, p.container, p.protocol), (None, 80, Protocol::Tcp));
+        assert!(parse_port("80/sctp").is_err());
+        assert!(parse_port("a:b").is_err());
+    }
+
+    #[test]
+    fn flags_make_a_service() {
+        let w = workload_from(&args(&[
+            "--name",
+            "web",
+            "-e",
+            "A=1",
+            "-p",
+            "8080:80",
+            "--cpu",
+            "500m",
+            "--memory",
+            "64Mi",
+            "--pids",
+            "100",
+            "--restart",
+            "on-failure",
+            "--replicas",
+            "2",
+            "-d",
+            "busybox",
+            "--",
+            "httpd",
+            "-f",
+        ]))
+        .unwrap();
+        assert_eq!(w.kind, Kind::Service);
+        assert_eq!(w.name, "web");
+        assert_eq!(w.image, "busybox");
+        assert_eq!(w.args, ["httpd", "-f"]);
+        assert_eq!(w.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(w.ports[0].host, Some(8080));
+        assert_eq!(
+            w.resources.cpu.map(|c| c.to_string()).as_deref(),
+            Some("500m")
+        );
+        assert_eq!(w.resources.pids, Some(100));
+        assert_eq!(w.restart.policy, Some(RestartPolicy::OnFailure));
+        assert_eq!(w.replicas, Some(2));
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        let err = workload_from(&args(&["--memory", "lots", "busybox"])).unwrap_err();
+        assert_eq!(error::exit_code(&err), error::EXIT_USAGE);
+        assert!(err.to_string().contains("--memory lots"), "{err}");
+        let err = workload_from(&args(&["--name", "Bad_Name", "busybox"])).unwrap_err();
+        assert!(err.to_string().contains("name:"), "{err}");
+    }
+}
