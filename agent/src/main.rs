@@ -1,9 +1,10 @@
 //! `gantry-agent`: the node agent. `gantry-agent shim …` is the per-container shim, which must
 //! be dispatched before anything starts a thread (libcontainer forks and runs Rust code in its
-//! children, which is only sound in a single-threaded process). `gantry-agent ctr …` drives the
-//! runtime directly.
+//! children, which is only sound in a single-threaded process). `gantry-agent run …` is the node
+//! agent daemon; `gantry-agent ctr …` drives the runtime directly.
 
 mod ctr;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -46,9 +47,35 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("run") => {
+            let opts = serve::Run::parse_from(
+                std::iter::once("gantry-agent run".to_string()).chain(args[2..].iter().cloned()),
+            );
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(err) => {
+                    eprintln!("gantry-agent: starting the async runtime: {err}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(serve::main(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("gantry-agent run: {err:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         _ => {
             eprintln!(
-                "usage: gantry-agent ctr --help | gantry-agent shim run|exec|delete STATE_DIR"
+                "usage: gantry-agent run --help | gantry-agent ctr --help | gantry-agent shim run|exec|delete STATE_DIR"
             );
             ExitCode::from(2)
         }

@@ -25,3 +25,17 @@ pub fn default_sigpipe() -> nix::Result<()> {
     // whose async-signal-safety could be violated.
     unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map(|_| ())
 }
+
+/// Moves the calling thread (only it) into a new, empty network namespace.
+///
+/// Call it on a dedicated thread that is not reused afterwards: the thread keeps the new namespace
+/// for the rest of its life (see `network::netns`).
+#[allow(unsafe_code)]
+pub fn unshare_network() -> std::io::Result<()> {
+    use rustix::thread::{UnshareFlags, unshare_unsafe};
+    // SAFETY: rustix marks `unshare` unsafe only because `UnshareFlags::FILES` can give this
+    // thread a file descriptor table other threads do not see, breaking fd ownership. Only
+    // `NEWNET` is passed: it changes the network namespace of this thread and touches neither
+    // memory nor file descriptors.
+    unsafe { unshare_unsafe(UnshareFlags::NEWNET) }.map_err(std::io::Error::from)
+}

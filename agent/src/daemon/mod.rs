@@ -1,0 +1,307 @@
+//! `gantry-agent run`: the node agent daemon. It opens the runtime (re-adopting the
+//! containers of an earlier agent process) and the image store, reads the statuses it kept,
+//! registers with a scheduler reporting them — before it reconciles anything — and then keeps
+//! the node's containers converged to the assignments the session delivers.
+//!
+//! # Live restore
+//!
+//! Stopping the agent never stops containers: each runs under its own shim. A new agent
+//! process finds them in the runtime's state dir, reports their statuses as they were kept
+//! (a Ready instance stays Ready), and its workers adopt them instead of creating new ones.
+//! Containers whose instance is no longer assigned are removed only once the first assignment
+//! set has arrived.
+
+pub mod instance;
+pub mod reconcile;
+pub mod session;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use gantry::pb;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use self::instance::{Env, LABEL_INSTANCE, Worker};
+use self::reconcile::{Action, Assigned, reconcile};
+use self::session::{Desired, Dial};
+use self::status::{Event, Status};
+use crate::image::{ImageStore, PullOptions};
+use crate::runtime::{BuiltinRuntime, ContainerState, Runtime, RuntimeConfig};
+
+/// How often the reconciler looks again without being woken.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
+
+/// Settings of the agent daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Node name.
+    pub name: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// How to reach the scheduler.
+    pub dial: Dial,
+    /// Address other nodes reach this one at.
+    pub address: String,
+    /// Data directory: `runtime/`, `images/`, `instances/` below it.
+    pub data_dir: PathBuf,
+    /// Parent cgroup of the containers (default: a `gantry` child of the agent's cgroup).
+    pub cgroup_parent: Option<PathBuf>,
+    /// Resources kept for the system: CPU millicores, memory bytes, pids.
+    pub reserved: (u64, u64, u32),
+    /// How images are pulled.
+    pub pull: PullOptions,
+    /// Periodic reconcile interval.
+    pub resync: Duration,
+}
+
+/// Runs the agent until `shutdown` turns true. Containers keep running afterwards.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let runtime_root = config.data_dir.join("runtime");
+    let status_dir = config.data_dir.join("instances");
+    std::fs::create_dir_all(&status_dir).with_context(|| format!("creating {status_dir:?}"))?;
+    let shim = std::env::current_exe().context("locating the agent binary for the shim")?;
+    let runtime_config = RuntimeConfig::new(&runtime_root, &shim, config.cgroup_parent.as_deref())
+        .context("configuring the runtime")?;
+    let runtime = BuiltinRuntime::open(runtime_config).context("opening the runtime")?;
+    let images =
+        ImageStore::open(config.data_dir.join("images")).context("opening the image store")?;
+
+    let restored = restore(&runtime, &status_dir).await;
+    release_orphan_rootfs(&runtime, &images).await;
+    info!(node = %config.name, instances = restored.len(), "agent starting");
+    let register = registration(&config);
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let (desired_tx, mut desired_rx) = watch::channel::<Option<Desired>>(None);
+    let env = Arc::new(Env {
+        runtime,
+        images,
+        pull: config.pull.clone(),
+        status_dir,
+        reports: reports_tx,
+    });
+    let session = tokio::spawn(session::run(
+        config.dial.clone(),
+        register,
+        restored.clone(),
+        desired_tx,
+        reports_rx,
+        shutdown.clone(),
+    ));
+
+    let mut restored: HashMap<String, Status> =
+        restored.into_iter().map(|s| (s.id.clone(), s)).collect();
+    let mut workers: BTreeMap<String, Worker> = BTreeMap::new();
+    let retiring: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut resync = tokio::time::interval(config.resync);
+    let mut shutdown = shutdown;
+    loop {
+        tokio::select! {
+            () = session::stopped(&mut shutdown) => break,
+            changed = desired_rx.changed() => if changed.is_err() { break },
+            _ = resync.tick() => {}
+        }
+        let Some(desired) = desired_rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let started = std::time::Instant::now();
+        workers.retain(|_, w| !w.finished());
+        let held: BTreeMap<String, Assigned> = workers
+            .iter()
+            .filter_map(|(id, w)| w.assigned().map(|a| (id.clone(), a)))
+            .collect();
+        let containers = match env.runtime.list().await {
+            Ok(list) => list
+                .into_iter()
+                .filter_map(|c| c.spec.labels.get(LABEL_INSTANCE).map(|_| c.id))
+                .collect(),
+            Err(err) => {
+                warn!(%err, "listing containers failed");
+                Vec::new()
+            }
+        };
+        let containers: Vec<String> = {
+            let retiring = retiring.lock().expect("retiring lock");
+            containers
+                .into_iter()
+                .filter(|id: &String| !retiring.contains(id))
+                .collect()
+        };
+        for action in reconcile(&desired.instances, &held, &containers) {
+            match action {
+                Action::Start(id, assigned) => {
+                    let kept = restored.remove(&id);
+                    let worker = Worker::start(env.clone(), id.clone(), assigned, kept);
+                    workers.insert(id, worker);
+                }
+                Action::Update(id, assigned) => {
+                    if let Some(worker) = workers.get(&id) {
+                        worker.update(assigned);
+                    }
+                }
+                Action::Retire(id) => {
+                    retiring.lock().expect("retiring lock").insert(id.clone());
+                    let worker = workers.remove(&id);
+                    let env = env.clone();
+                    let retiring = retiring.clone();
+                    tokio::spawn(async move {
+                        match worker {
+                            Some(worker) => worker.retire().await,
+                            None => instance::remove_orphan(&env, &id).await,
+                        }
+                        retiring.lock().expect("retiring lock").remove(&id);
+                    });
+                }
+            }
+        }
+        // Statuses kept for instances the scheduler no longer assigns, with no container.
+        restored.retain(|id, _| {
+            let keep = desired.instances.contains_key(id);
+            if !keep {
+                status::remove(&env.status_dir, id);
+            }
+            keep
+        });
+        tracing::debug!(revision = desired.revision, elapsed = ?started.elapsed(), "reconciled");
+    }
+    info!("agent stopping; containers keep running");
+    session.abort();
+    Ok(())
+}
+
+/// The statuses kept on disk, brought up to date with the runtime: a container that ended
+/// while no agent watched is reported as ended; one that is gone is forgotten.
+async fn restore(runtime: &BuiltinRuntime, dir: &std::path::Path) -> Vec<Status> {
+    let mut statuses = status::load_all(dir);
+    let containers: HashMap<String, ContainerState> = match runtime.list().await {
+        Ok(list) => list.into_iter().map(|c| (c.id, c.state)).collect(),
+        Err(err) => {
+            warn!(%err, "listing containers failed");
+            HashMap::new()
+        }
+    };
+    statuses.retain_mut(|s| match containers.get(&s.id) {
+        Some(ContainerState::Stopped(exit)) if s.is_running() => {
+            s.apply(
+                Event::Exit {
+                    code: exit.code,
+                    oom: exit.oom_killed,
+                },
+                if exit.oom_killed {
+                    "OOMKilled"
+                } else {
+                    "Error"
+                },
+                "ended while the agent was down",
+                exit.finished_at,
+            );
+            let _ = status::save(dir, s);
+            true
+        }
+        Some(_) => true,
+        None => {
+            // Removed (or never created) before the last agent stopped: nothing to report;
+            // a worker that is still assigned the instance starts over.
+            status::remove(dir, &s.id);
+            false
+        }
+    });
+    statuses
+}
+
+/// Releases root filesystems whose container is gone: an agent killed between removing a
+/// container and unmounting its rootfs, or between mounting one and creating the container.
+async fn release_orphan_rootfs(runtime: &BuiltinRuntime, images: &ImageStore) {
+    let containers: HashSet<String> = match runtime.list().await {
+        Ok(list) => list.into_iter().map(|c| c.id).collect(),
+        Err(err) => {
+            warn!(%err, "listing containers failed; root filesystems not checked");
+            return;
+        }
+    };
+    for (container, _) in images.holds() {
+        if containers.contains(&container) {
+            continue;
+        }
+        info!(%container, "releasing the root filesystem of a container that is gone");
+        let images = images.clone();
+        let id = container.clone();
+        match tokio::task::spawn_blocking(move || images.unmount_rootfs(&id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(%container, %err, "releasing a root filesystem failed"),
+            Err(err) => warn!(%container, %err, "releasing a root filesystem failed"),
+        }
+    }
+}
+
+/// The registration of this node (statuses are added per session).
+fn registration(config: &Config) -> pb::Register {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let memory = meminfo_total().unwrap_or(0);
+    let pids = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (cpu_reserved, memory_reserved, pids_reserved) = config.reserved;
+    let resources = |cpu_millis: u64, memory: u64, pids: u32| pb::Resources {
+        cpu: Some(format!("{cpu_millis}m")),
+        memory: Some(memory.to_string()),
+        pids: Some(pids),
+    };
+    pb::Register {
+        name: config.name.clone(),
+        labels: config.labels.clone().into_iter().collect(),
+        capacity: Some(resources(cpus * 1000, memory, pids)),
+        allocatable: Some(resources(
+            (cpus * 1000).saturating_sub(cpu_reserved),
+            memory.saturating_sub(memory_reserved),
+            pids.saturating_sub(pids_reserved),
+        )),
+        address: config.address.clone(),
+        os: std::env::consts::OS.to_owned(),
+        arch: match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        }
+        .to_owned(),
+        runtime: "libcontainer 0.7.0".to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel_version: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        os_image: os_image(),
+        boot_id: format!(
+            "{:x}{:x}",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+            std::process::id()
+        ),
+        applied_revision: 0,
+        instances: Vec::new(),
+    }
+}
+
+fn meminfo_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn os_image() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_default()
+}
