@@ -64,6 +64,16 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve TLS with this certificate (PEM chain); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS); a node's certificate must name
+    /// the node (DNS SAN). Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -108,6 +118,13 @@ fn main() -> anyhow::Result<()> {
         )
     };
     config.etcd = args.etcd;
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(server::TlsFiles {
+            cert,
+            key,
+            client_ca: args.client_ca,
+        });
+    }
     if let Some(name) = args.name {
         config.identity = name;
     }

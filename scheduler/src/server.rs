@@ -46,6 +46,39 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Controller settings (node grace, session lease TTL, resync, placement).
     pub controller: controller::Config,
+    /// TLS for the gRPC API and node sessions; plain HTTP/2 when `None`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files of the API's TLS settings.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA (PEM) that client certificates must chain to; clients need none when `None`.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The tonic settings, with the files read.
+    pub fn load(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        use anyhow::Context;
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).with_context(|| format!("reading the {what} {path:?}"))
+        };
+        let identity = Identity::from_pem(
+            read(&self.cert, "TLS certificate")?,
+            read(&self.key, "TLS key")?,
+        );
+        let mut tls = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+        }
+        Ok(tls)
+    }
 }
 
 impl Config {
@@ -60,6 +93,7 @@ impl Config {
             leader_ttl: election::DEFAULT_TTL,
             heartbeat_interval: Duration::from_secs(2),
             controller: controller::Config::default(),
+            tls: None,
         }
     }
 }
@@ -167,12 +201,19 @@ pub async fn run_with_store(
         .add_service(session.server())
         .into_routes()
         .await;
+    let tls = config.tls.as_ref().map(TlsFiles::load).transpose()?;
+    let mut builder = api::server_builder(&api_config);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    }
     let api_task = tokio::spawn({
         let metrics = metrics.clone();
         let stopped = stopped();
         async move {
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            api::server_builder(&api_config)
+            builder
                 // One connection may carry thousands of node sessions (a proxy, the
                 // benchmark's simulated agents).
                 .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))

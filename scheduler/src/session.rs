@@ -185,6 +185,14 @@ pub enum SessionError {
         /// The replica.
         identity: String,
     },
+    /// The agent's client certificate does not name the node it registers.
+    #[error("the client certificate is not valid for node {node}: {reason}")]
+    WrongIdentity {
+        /// The node name registered.
+        node: String,
+        /// Why the certificate does not match.
+        reason: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -202,6 +210,7 @@ impl From<SessionError> for Status {
                 Status::aborted(message)
             }
             SessionError::ShuttingDown { .. } => Status::unavailable(message),
+            SessionError::WrongIdentity { .. } => Status::permission_denied(message),
             SessionError::Store(err) if err.is_retryable() => Status::unavailable(message),
             SessionError::Store(_) => Status::internal(message),
         }
@@ -268,10 +277,12 @@ impl NodeSession for SessionService {
             .into());
         }
         let peer = request.remote_addr();
+        // With mTLS, the verified chain of the agent's certificate (leaf first).
+        let certs = request.peer_certs();
         let inbound = request.into_inner();
         let (out, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let shared = self.shared.clone();
-        tokio::spawn(async move { shared.run(inbound, out, peer).await });
+        tokio::spawn(async move { shared.run(inbound, out, peer, certs).await });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -359,8 +370,9 @@ impl Shared {
         mut inbound: Streaming<pb::AgentMessage>,
         out: Outbound,
         peer: Option<SocketAddr>,
+        certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
     ) {
-        let result = self.serve(&mut inbound, &out).await;
+        let result = self.serve(&mut inbound, &out, certs.as_deref()).await;
         match result {
             Ok(()) => debug!(?peer, "node session ended"),
             Err(err) => {
@@ -379,6 +391,7 @@ impl Shared {
         self: &Arc<Self>,
         inbound: &mut Streaming<pb::AgentMessage>,
         out: &Outbound,
+        certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>,
     ) -> Result<(), SessionError> {
         let mut shutdown_rx = self.shutdown.clone();
         let shutdown = async move {
@@ -410,6 +423,9 @@ impl Shared {
         let now = Timestamp::now();
         let registration = registration(register, now)?;
         let name = registration.node.name.clone();
+        if let Some(leaf) = certs.and_then(|chain| chain.first()) {
+            check_identity(leaf, &name)?;
+        }
 
         // Claim the node and take its wake-up before anything is read from the view.
         let (attachment, mut superseded) = self.attach(&name);
@@ -688,6 +704,23 @@ impl Shared {
         };
         send(out, ToAgent::AssignmentDelta(delta)).await
     }
+}
+
+/// Checks that a node's (already verified) client certificate names `node` as a DNS name,
+/// so that one node's certificate cannot register another node.
+fn check_identity(
+    leaf: &tonic::transport::CertificateDer<'static>,
+    node: &str,
+) -> Result<(), SessionError> {
+    use rustls_pki_types::ServerName;
+    let wrong = |reason: String| SessionError::WrongIdentity {
+        node: node.to_owned(),
+        reason,
+    };
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| wrong(format!("{e:?}")))?;
+    let name = ServerName::try_from(node).map_err(|e| wrong(e.to_string()))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|e| wrong(format!("{e:?}")))
 }
 
 /// Sends one message; returns false when the agent's stream is gone.

@@ -192,7 +192,7 @@ impl Session {
         let mut inbound = match response {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                debug!(%address, %status, "session not opened");
+                warn!(%address, %status, "session not opened");
                 return Some(false);
             }
         };
