@@ -1,7 +1,9 @@
 //! One worker task per assigned instance: it owns that instance's container on this node —
 //! pull, create, start, wait, restart with backoff, stop, remove — and reports every status
-//! transition. The reconciler starts, updates and retires workers; a worker adopts a
-//! container that already exists (an agent restart) instead of creating another.
+//! transition, following the container's health probes while it runs (`super::probe`: readiness
+//! sets Ready, a failed liveness probe stops the container and the restart policy takes over).
+//! The reconciler starts, updates and retires workers; a worker adopts a container that already
+//! exists (an agent restart) instead of creating another.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,12 +13,13 @@ use gantry::workload::{Network, Workload};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::probe::{self, Action, ContainerCheck, Kind, Probes, Timing, Tracker, Verdict};
 use super::reconcile::{AfterExit, Assigned, Ended, after_exit};
 use super::status::{self, Event, LastExit, State, Status};
 use crate::image::{ImageRef, ImageStore, ProgressSink, PullDecision, PullOptions, PullPolicy};
 use crate::runtime::spec::{NetworkMode, ProcessSpec, Resources};
 use crate::runtime::{
-    BuiltinRuntime, ContainerSpec, ContainerState, ExitStatus, Runtime, RuntimeError,
+    BuiltinRuntime, ContainerInfo, ContainerSpec, ContainerState, ExitStatus, Runtime, RuntimeError,
 };
 
 /// Label naming the instance a container runs.
@@ -25,6 +28,10 @@ pub const LABEL_INSTANCE: &str = "gantry.instance";
 pub const LABEL_WORKLOAD: &str = "gantry.workload";
 /// Label with the generation the container runs.
 pub const LABEL_GENERATION: &str = "gantry.generation";
+/// Reason of an exit caused by a failing liveness probe.
+pub const REASON_LIVENESS: &str = "LivenessProbeFailed";
+/// Reason of a running instance whose readiness probe fails.
+pub const REASON_READINESS: &str = "ReadinessProbeFailed";
 
 /// What every worker shares.
 pub struct Env {
@@ -123,7 +130,7 @@ async fn run(
     // The container ended and is not to run again (a completed Job instance): wait for the
     // assignment to change.
     let mut settled = false;
-    loop {
+    'assigned: loop {
         let Some(assigned) = rx.borrow_and_update().clone() else {
             let (signal, grace) = stop_params(last_spec.as_deref());
             remove(&w.env, &w.id, &signal, grace).await;
@@ -163,18 +170,47 @@ async fn run(
                 continue;
             }
         }
-        // Wait for the process to end, or for the assignment to change.
-        let exit = tokio::select! {
-            exit = w.env.runtime.wait(&w.id) => exit,
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    return;
+        // Wait for the process to end, or for the assignment to change, following the probes
+        // meanwhile. They stop (dropped) with this run or when the assignment changes.
+        let mut probes = w.probes(&spec).await;
+        let env = w.env.clone();
+        let id = w.id.clone();
+        let wait = env.runtime.wait(&id);
+        tokio::pin!(wait);
+        let mut killed = None;
+        let exit = loop {
+            tokio::select! {
+                exit = &mut wait => break exit,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue 'assigned;
                 }
-                continue;
+                report = probes.next() => match (report.kind, report.verdict) {
+                    (Kind::Readiness, Verdict::Ready) => w.set(Event::Ready, "", ""),
+                    (Kind::Readiness, _) => {
+                        w.set(Event::Unready, REASON_READINESS, &report.message);
+                    }
+                    (Kind::Liveness, Verdict::Failed) => {
+                        warn!(instance = %w.id, message = %report.message, "liveness probe failed; stopping the container");
+                        let (signal, grace) = stop_params(Some(&spec));
+                        match w.env.runtime.stop(&w.id, &signal, grace).await {
+                            Ok(exit) => {
+                                killed = Some(report.message);
+                                break Ok(exit);
+                            }
+                            // It keeps running without its liveness probe until it ends.
+                            Err(err) => warn!(instance = %w.id, %err, "stopping the container failed"),
+                        }
+                    }
+                    (Kind::Liveness, _) => {}
+                },
             }
         };
+        drop(probes);
         match exit {
-            Ok(exit) => match w.exited(&spec, exit, &mut rx).await {
+            Ok(exit) => match w.exited(&spec, exit, killed.as_deref(), &mut rx).await {
                 Next::End => return,
                 Next::Settled => settled = true,
                 Next::Again => {}
@@ -221,6 +257,62 @@ impl Task {
             Err(RuntimeError::NotFound(_)) => self.create(spec).await,
             Err(err) => Err(err.to_string()),
         }
+    }
+
+    /// Starts the probes of the container's current run, if it runs and has any. A readiness
+    /// probe starts from the status as it is (an adopted run that was Ready stays Ready until
+    /// the probe fails); initial delays count from the start of the run.
+    async fn probes(&self, spec: &Workload) -> Probes {
+        let mut probes = Probes::new();
+        let health = &spec.health;
+        if health.readiness.is_none() && health.liveness.is_none() {
+            return probes;
+        }
+        let (pid, started_at) = match self.env.runtime.state(&self.id).await {
+            Ok(ContainerInfo {
+                state: ContainerState::Running { pid, started_at },
+                ..
+            }) => (pid, started_at),
+            // Ended already (the exit handling follows) or unreadable (so is waiting).
+            _ => return probes,
+        };
+        let network = match spec.network {
+            Network::Host => probe::Network::Host,
+            Network::Bridge | Network::None => match probe::Network::open(&netns_path(pid)) {
+                Ok(network) => network,
+                Err(err) => {
+                    warn!(instance = %self.id, %err, "probes not started");
+                    return probes;
+                }
+            },
+        };
+        let now = SystemTime::now();
+        for (kind, probe) in [
+            (Kind::Readiness, &health.readiness),
+            (Kind::Liveness, &health.liveness),
+        ] {
+            let Some((probe, action)) = probe.as_ref().and_then(|p| Some((p, Action::of(p)?)))
+            else {
+                continue;
+            };
+            let tracker = match kind {
+                Kind::Readiness => Tracker::readiness(
+                    self.status.state == State::Ready,
+                    probe.success_threshold,
+                    probe.failure_threshold,
+                ),
+                Kind::Liveness => Tracker::liveness(probe.failure_threshold),
+            };
+            let check = ContainerCheck {
+                env: self.env.clone(),
+                container: self.id.clone(),
+                action,
+                network: network.clone(),
+            };
+            debug!(instance = %self.id, ?kind, "probe started");
+            probes.spawn(kind, tracker, Timing::of(probe, started_at, now), check);
+        }
+        probes
     }
 
     /// Readiness without a probe: ready once running.
@@ -286,9 +378,20 @@ impl Task {
             ]
             .into(),
         };
-        if let Err(err) = self.env.runtime.create(container).await {
-            self.unmount().await;
-            return Err(err.to_string());
+        let own_netns = container.network != NetworkMode::Host;
+        let created = match self.env.runtime.create(container).await {
+            Ok(created) => created,
+            Err(err) => {
+                self.unmount().await;
+                return Err(err.to_string());
+            }
+        };
+        if own_netns && let ContainerState::Created { pid } = created.state {
+            // Until bridge networking is wired, nothing else sets up the namespace, and a new
+            // one has its loopback down: probes (and the workload) could not use 127.0.0.1.
+            if let Err(err) = loopback_up(pid).await {
+                warn!(instance = %self.id, %err, "setting the loopback interface up failed");
+            }
         }
         self.start(spec).await
     }
@@ -348,11 +451,13 @@ impl Task {
         Ok(image)
     }
 
-    /// Handles the end of a run: restarts it after the backoff, or settles.
+    /// Handles the end of a run: restarts it after the backoff, or settles. `killed` is the
+    /// failure of the liveness probe that made the worker stop the container, if one did.
     async fn exited(
         &mut self,
         spec: &Workload,
         exit: ExitStatus,
+        killed: Option<&str>,
         rx: &mut watch::Receiver<Option<Assigned>>,
     ) -> Next {
         let started_at = self.status.started_at;
@@ -370,11 +475,16 @@ impl Task {
                 ran_for,
             },
         );
-        let reason = match (oom, exit.code, decision) {
-            (true, _, _) => "OOMKilled",
-            (false, 0, AfterExit::Stay) => "Completed",
-            (false, _, AfterExit::Stay) => "Error",
-            (false, _, AfterExit::Restart { .. }) => "CrashLoopBackOff",
+        let reason = match (killed, oom, exit.code, decision) {
+            (Some(_), _, _, _) => REASON_LIVENESS,
+            (None, true, _, _) => "OOMKilled",
+            (None, false, 0, AfterExit::Stay) => "Completed",
+            (None, false, _, AfterExit::Stay) => "Error",
+            (None, false, _, AfterExit::Restart { .. }) => "CrashLoopBackOff",
+        };
+        let message = match killed {
+            Some(failure) => format!("liveness probe failed: {failure}"),
+            None => exit.reason.clone().unwrap_or_default(),
         };
         self.status.apply(
             Event::Exit {
@@ -382,11 +492,15 @@ impl Task {
                 oom,
             },
             reason,
-            &exit.reason.clone().unwrap_or_default(),
+            &message,
             exit.finished_at,
         );
         if let AfterExit::Restart { delay, .. } = decision {
-            self.status.message = format!("restarting in {}s", delay.as_secs_f64());
+            let restarting = format!("restarting in {}s", delay.as_secs_f64());
+            self.status.message = match killed {
+                Some(_) => format!("{message}; {restarting}"),
+                None => restarting,
+            };
         }
         info!(instance = %self.id, code = exit.code, oom, ?decision, "container ended");
         self.report();
@@ -469,6 +583,63 @@ impl Task {
             }
             Err(err) => warn!(instance = %self.id, %err, "releasing the root filesystem failed"),
         }
+    }
+}
+
+/// The network namespace file of process `pid`.
+fn netns_path(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
+/// Sets the loopback interface of process `pid`'s network namespace up, as Docker does for a
+/// container with a namespace of its own. Runs on a thread that joins the namespace and is
+/// thrown away (see [`crate::network::netns::run_in`]).
+async fn loopback_up(pid: i32) -> Result<(), String> {
+    let path = netns_path(pid);
+    crate::network::netns::run_in(&path, set_loopback_up)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("rtnetlink: {e}"))
+}
+
+/// Sends `RTM_NEWLINK` for interface 1 (loopback in every namespace) with `IFF_UP` set, and
+/// reads the kernel's acknowledgement, on a netlink socket of the calling thread's namespace.
+fn set_loopback_up() -> std::io::Result<()> {
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType, recv, send, socket};
+    const RTM_NEWLINK: u16 = 16;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const IFF_UP: u32 = 1;
+    const LOOPBACK_INDEX: i32 = 1;
+    // `None` is NETLINK_ROUTE.
+    let fd = socket(AddressFamily::NETLINK, SocketType::RAW, None)?;
+    let mut msg = Vec::with_capacity(32);
+    // struct nlmsghdr: length, type, flags, sequence, port id
+    msg.extend_from_slice(&32u32.to_ne_bytes());
+    msg.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // struct ifinfomsg: family (AF_UNSPEC), padding, type, index, flags, change mask
+    msg.extend_from_slice(&[0, 0]);
+    msg.extend_from_slice(&0u16.to_ne_bytes());
+    msg.extend_from_slice(&LOOPBACK_INDEX.to_ne_bytes());
+    msg.extend_from_slice(&IFF_UP.to_ne_bytes());
+    msg.extend_from_slice(&IFF_UP.to_ne_bytes());
+    send(&fd, &msg, SendFlags::empty())?;
+    let mut buf = [0u8; 1024];
+    let (n, _) = recv(&fd, &mut buf[..], RecvFlags::empty())?;
+    let field = |at: usize, len: usize| buf.get(at..at + len).filter(|_| at + len <= n);
+    let kind = field(4, 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let code = field(16, 4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    match (kind, code) {
+        (Some(NLMSG_ERROR), Some(0)) => Ok(()),
+        (Some(NLMSG_ERROR), Some(code)) => Err(std::io::Error::from_raw_os_error(-code)),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "unexpected rtnetlink answer",
+        )),
     }
 }
 

@@ -12,6 +12,7 @@
 //! set has arrived.
 
 pub mod instance;
+pub mod probe;
 pub mod reconcile;
 pub mod session;
 pub mod status;
