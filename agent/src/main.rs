@@ -1,9 +1,11 @@
 //! `gantry-agent`: the node agent. `gantry-agent shim …` is the per-container shim, which must
 //! be dispatched before anything starts a thread (libcontainer forks and runs Rust code in its
 //! children, which is only sound in a single-threaded process). `gantry-agent run …` is the node
-//! agent daemon; `gantry-agent ctr …` drives the runtime directly.
+//! agent daemon; `gantry-agent image …` imports and lists node-local images; `gantry-agent ctr …`
+//! drives the runtime directly.
 
 mod ctr;
+mod image_cmd;
 mod serve;
 
 use std::process::ExitCode;
@@ -73,9 +75,21 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("image") => {
+            let opts = image_cmd::ImageCmd::parse_from(
+                std::iter::once("gantry-agent image".to_string()).chain(args[2..].iter().cloned()),
+            );
+            match image_cmd::main(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("gantry-agent image: {err:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         _ => {
             eprintln!(
-                "usage: gantry-agent run --help | gantry-agent ctr --help | gantry-agent shim run|exec|delete STATE_DIR"
+                "usage: gantry-agent run --help | gantry-agent image --help | gantry-agent ctr --help | gantry-agent shim run|exec|delete STATE_DIR"
             );
             ExitCode::from(2)
         }

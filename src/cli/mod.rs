@@ -11,6 +11,7 @@
 //! | `node.rs` | `node ls|cordon|uncordon|drain` |
 //! | `events.rs` | `events [-w]`, and following the Events stream for the others |
 //! | `run.rs` | `run IMAGE [-- CMD ARGS…]` |
+//! | `up.rs` | `up`, `down`: a local cluster as background processes |
 
 pub mod apply;
 pub mod describe;
@@ -21,6 +22,7 @@ pub mod node;
 pub mod output;
 pub mod rollout;
 pub mod run;
+pub mod up;
 pub mod view;
 
 use std::path::PathBuf;
@@ -76,6 +78,10 @@ pub enum Command {
     Events(events::EventsArgs),
     /// Run an image as a Service.
     Run(run::RunArgs),
+    /// Start a single-machine cluster (scheduler and agent) in the background.
+    Up(up::UpArgs),
+    /// Stop the cluster `gantry up` started (and its containers, unless --keep).
+    Down(up::DownArgs),
 }
 
 /// `30s`, `1m30s`, `250ms`, or a bare number of seconds.
@@ -142,6 +148,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(command) => node::node(&mut ctx, command).await,
         Command::Events(args) => events::events(&mut ctx, args).await,
         Command::Run(args) => run::run(&mut ctx, args).await,
+        Command::Up(args) => up::up(&mut ctx, args).await,
+        Command::Down(args) => up::down(&mut ctx, args).await,
     }
 }
 

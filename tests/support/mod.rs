@@ -5,6 +5,8 @@
 // Each test crate uses only part of this module.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::path::PathBuf;
 use std::process::Output;
 use std::sync::Arc;

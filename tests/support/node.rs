@@ -1,0 +1,223 @@
+//! Harness of the end-to-end tests on a real node: a busybox image built in the test, a real
+//! `gantry-agent run` process (cleaned up even when the test fails), and CLI helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::Cluster;
+
+/// Whether this machine can run the test; under CI a missing piece is a failure.
+pub fn can_run(what_for: &str) -> bool {
+    let missing = if !rustix::process::geteuid().is_root() {
+        Some("root")
+    } else if !Path::new("/bin/busybox").exists() {
+        Some("/bin/busybox (busybox-static)")
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(what) if std::env::var_os("CI").is_some() => panic!("{what_for} tests need {what}"),
+        Some(what) => {
+            eprintln!("skipping: {what_for} tests need {what}");
+            false
+        }
+    }
+}
+
+/// A tar header owned by root, dated 1970.
+fn root_header() -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// A `docker save` tarball of a one-layer busybox image tagged `tag`.
+pub fn busybox_image(tag: &str) -> Vec<u8> {
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut dir = |path: &str| {
+        let mut header = root_header();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(0o755);
+        header.set_size(0);
+        layer
+            .append_data(&mut header, path, std::io::empty())
+            .expect("layer dir");
+    };
+    for d in ["bin", "etc", "proc", "dev", "sys", "tmp", "root"] {
+        dir(d);
+    }
+    let busybox = std::fs::read("/bin/busybox").expect("reading /bin/busybox");
+    let mut header = root_header();
+    header.set_mode(0o755);
+    header.set_size(busybox.len() as u64);
+    layer
+        .append_data(&mut header, "bin/busybox", busybox.as_slice())
+        .expect("layer busybox");
+    for applet in [
+        "sh", "sleep", "true", "false", "echo", "cat", "ls", "touch", "test", "rm", "mkdir",
+        "httpd",
+    ] {
+        let mut header = root_header();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        header.set_mode(0o777);
+        layer
+            .append_link(&mut header, format!("bin/{applet}"), "busybox")
+            .expect("layer link");
+    }
+    let layer = layer.into_inner().expect("layer tar");
+    let layer_hex = sha256_hex(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Cmd": ["sh"],
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_hex}")]},
+    })
+    .to_string();
+    let config_hex = sha256_hex(config.as_bytes());
+    let manifest = serde_json::json!([{
+        "Config": format!("{config_hex}.json"),
+        "RepoTags": [tag],
+        "Layers": [format!("{layer_hex}/layer.tar")],
+    }])
+    .to_string();
+    let mut archive = tar::Builder::new(Vec::new());
+    for (path, data) in [
+        (format!("{layer_hex}/layer.tar"), layer.as_slice()),
+        (format!("{config_hex}.json"), config.as_bytes()),
+        ("manifest.json".to_owned(), manifest.as_bytes()),
+    ] {
+        let mut header = root_header();
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        archive
+            .append_data(&mut header, path, data)
+            .expect("archive entry");
+    }
+    archive.into_inner().expect("archive")
+}
+
+/// A `gantry-agent run` process, killed (SIGKILL) on drop; its log in the data dir.
+pub struct Agent {
+    child: Child,
+    data: PathBuf,
+}
+
+impl Agent {
+    pub fn binary() -> PathBuf {
+        let path = Path::new(env!("CARGO_BIN_EXE_gantry")).with_file_name("gantry-agent");
+        assert!(
+            path.exists(),
+            "{path:?} is missing: build it with `cargo build -p gantry-agent`"
+        );
+        path
+    }
+
+    pub fn start(scheduler: &str, data: &Path) -> Agent {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("agent.log"))
+            .expect("agent log");
+        let child = Command::new(Self::binary())
+            .args(["run", "--name", "node-a", "--scheduler", scheduler])
+            .arg("--data-dir")
+            .arg(data)
+            .env("RUST_LOG", "info,gantry_agent=debug")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting gantry-agent");
+        Agent {
+            child,
+            data: data.to_owned(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Ids of the containers the runtime holds.
+    pub fn containers(&self) -> Vec<String> {
+        let dir = self.data.join("runtime/containers");
+        let mut ids: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| !name.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+}
+
+impl Drop for Agent {
+    /// Kills the agent; a test that failed half-way also removes the containers it left (they
+    /// outlive the agent by design), so that no process or cgroup survives the test.
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let ids = self.containers();
+            if !ids.is_empty() {
+                let _ = Command::new(Self::binary())
+                    .arg("ctr")
+                    .arg("--root")
+                    .arg(self.data.join("runtime"))
+                    .args(["rm", "--force"])
+                    .args(&ids)
+                    .status();
+            }
+        }
+    }
+}
+
+/// Instances of `workload` as `gantry get instances -o json` shows them.
+pub fn instances(cluster: &Cluster, workload: &str) -> Vec<Value> {
+    let list = cluster.json(&["get", "instances", "--workload", workload, "-o", "json"]);
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// Polls `check` every 100 ms until it holds; panics with the agent's log after `limit`.
+pub fn wait(agent: &Agent, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not within {limit:?}\nagent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `gantry apply -f` of `yaml`, which must succeed.
+pub fn apply(cluster: &Cluster, name: &str, yaml: &str) {
+    let file = cluster.file(&format!("{name}.yaml"), yaml);
+    cluster
+        .run(&["apply", "-f", file.to_str().expect("utf-8 path")])
+        .ok();
+}
