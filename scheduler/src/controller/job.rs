@@ -1,5 +1,6 @@
 //! The Job controller's decision: run instances until `completions` have exited 0, at most
-//! `parallelism` at once, and give up once failures pass `backoffLimit`.
+//! `parallelism` at once, and give up once failures pass `backoffLimit`. Instances on a
+//! draining node are stopped and replaced elsewhere.
 //!
 //! Pure. Failures count both restarts in place (policy `on-failure`: the agent restarts the
 //! container and the restart count grows) and instances that ended in failure (policy `never`),
@@ -97,7 +98,14 @@ pub fn reconcile(
         );
     } else {
         let wanted = desired.parallelism.min(desired.completions - succeeded) as usize;
-        let unplaced: Vec<String> = active
+        // Instances on a draining node are stopped and replaced elsewhere at once; a stopped
+        // instance counts neither as a failure nor as running.
+        let (staying, draining): (Vec<&Observed>, Vec<&Observed>) =
+            active.iter().partition(|i| !(i.placed && i.draining));
+        if !draining.is_empty() {
+            actions.push(Action::Stop(all_ids(&draining)));
+        }
+        let unplaced: Vec<String> = staying
             .iter()
             .filter(|i| !i.placed)
             .map(|i| i.id.clone())
@@ -105,8 +113,8 @@ pub fn reconcile(
         if !unplaced.is_empty() {
             actions.push(Action::Place(unplaced));
         }
-        if active.len() < wanted {
-            actions.push(Action::Create((wanted - active.len()) as u32));
+        if staying.len() < wanted {
+            actions.push(Action::Create((wanted - staying.len()) as u32));
         }
         set_condition(
             &mut status.conditions,
@@ -178,6 +186,18 @@ mod tests {
             job(3, 2, 6),
             vec![inst("a", Exited, Some(0)), inst("b", Running, None)],
             vec![Create(1)],
+        );
+        // Drain: the instance on the draining node stops and is replaced at once.
+        check(
+            job(3, 2, 6),
+            vec![
+                Observed {
+                    draining: true,
+                    ..inst("a", Running, None)
+                },
+                inst("b", Running, None),
+            ],
+            vec![Stop(ids(&["a"])), Create(1)],
         );
         // Only one completion left: no more than one at a time.
         check(
