@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::Cluster;
-use support::node::{Agent, apply, busybox_image, can_run, instances, wait};
+use support::node::{Agent, apply, can_run, instances, start_node, wait};
 
 const IMAGE: &str = "gantry.test/busybox:1";
 
@@ -40,14 +40,7 @@ fn services_jobs_restarts_and_live_restore_on_a_real_node() {
         return;
     }
     let cluster = Cluster::start(0);
-    let data = cluster.dir.path().join("agent");
-    std::fs::create_dir_all(&data).expect("agent data dir");
-    let images = gantry_agent::image::ImageStore::open(data.join("images")).expect("image store");
-    images
-        .import(std::io::Cursor::new(busybox_image(IMAGE)))
-        .expect("importing the test image");
-    drop(images);
-    let mut agent = Agent::start(&cluster.addr, &data);
+    let (data, mut agent) = start_node(&cluster, IMAGE);
     let limit = Duration::from_secs(30);
     wait(&agent, "the node is Ready", limit, || {
         let nodes = cluster.json(&["get", "nodes", "-o", "json"]);

@@ -13,7 +13,7 @@ mod support;
 use std::time::Duration;
 
 use support::Cluster;
-use support::node::{Agent, apply, busybox_image, can_run, instances, wait};
+use support::node::{apply, can_run, instances, start_node, wait};
 
 const IMAGE: &str = "gantry.test/busybox:probes";
 
@@ -34,14 +34,7 @@ fn probes_gate_readiness_and_liveness_restarts() {
         return;
     }
     let cluster = Cluster::start(0);
-    let data = cluster.dir.path().join("agent");
-    std::fs::create_dir_all(&data).expect("agent data dir");
-    let images = gantry_agent::image::ImageStore::open(data.join("images")).expect("image store");
-    images
-        .import(std::io::Cursor::new(busybox_image(IMAGE)))
-        .expect("importing the test image");
-    drop(images);
-    let agent = Agent::start(&cluster.addr, &data);
+    let (_data, agent) = start_node(&cluster, IMAGE);
     let limit = Duration::from_secs(30);
     wait(&agent, "the node is Ready", limit, || {
         let nodes = cluster.json(&["get", "nodes", "-o", "json"]);

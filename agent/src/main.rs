@@ -30,50 +30,20 @@ fn main() -> ExitCode {
             let opts = ctr::Ctr::parse_from(
                 std::iter::once("gantry-agent ctr".to_string()).chain(args[2..].iter().cloned()),
             );
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_writer(std::io::stderr)
-                .init();
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(err) => {
-                    eprintln!("gantry-agent: starting the async runtime: {err}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(ctr::main(opts)) {
-                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-                Err(err) => {
-                    eprintln!("gantry-agent ctr: {err:#}");
-                    ExitCode::from(1)
-                }
-            }
+            logs_to_stderr(tracing_subscriber::EnvFilter::from_default_env());
+            block_on("ctr", ctr::main(opts), |code| {
+                ExitCode::from(u8::try_from(code).unwrap_or(1))
+            })
         }
         Some("run") => {
             let opts = serve::Run::parse_from(
                 std::iter::once("gantry-agent run".to_string()).chain(args[2..].iter().cloned()),
             );
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(err) => {
-                    eprintln!("gantry-agent: starting the async runtime: {err}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(serve::main(opts)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("gantry-agent run: {err:#}");
-                    ExitCode::from(1)
-                }
-            }
+            logs_to_stderr(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            );
+            block_on("run", serve::main(opts), |()| ExitCode::SUCCESS)
         }
         Some("image") => {
             let opts = image_cmd::ImageCmd::parse_from(
@@ -92,6 +62,35 @@ fn main() -> ExitCode {
                 "usage: gantry-agent run --help | gantry-agent image --help | gantry-agent ctr --help | gantry-agent shim run|exec|delete STATE_DIR"
             );
             ExitCode::from(2)
+        }
+    }
+}
+
+fn logs_to_stderr(filter: tracing_subscriber::EnvFilter) {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs `verb`'s future on a new tokio runtime; errors print as `gantry-agent VERB: …` and exit 1.
+fn block_on<T>(
+    verb: &str,
+    future: impl std::future::Future<Output = anyhow::Result<T>>,
+    exit: impl FnOnce(T) -> ExitCode,
+) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("gantry-agent: starting the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(future) {
+        Ok(value) => exit(value),
+        Err(err) => {
+            eprintln!("gantry-agent {verb}: {err:#}");
+            ExitCode::from(1)
         }
     }
 }

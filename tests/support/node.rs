@@ -221,3 +221,17 @@ pub fn apply(cluster: &Cluster, name: &str, yaml: &str) {
         .run(&["apply", "-f", file.to_str().expect("utf-8 path")])
         .ok();
 }
+
+/// A node for `cluster`: the agent's data dir in the cluster's scratch dir, a busybox image
+/// tagged `image` imported into its store, and `gantry-agent run` started on it.
+pub fn start_node(cluster: &Cluster, image: &str) -> (PathBuf, Agent) {
+    let data = cluster.dir.path().join("agent");
+    std::fs::create_dir_all(&data).expect("agent data dir");
+    let images = gantry_agent::image::ImageStore::open(data.join("images")).expect("image store");
+    images
+        .import(std::io::Cursor::new(busybox_image(image)))
+        .expect("importing the test image");
+    drop(images);
+    let agent = Agent::start(&cluster.addr, &data);
+    (data, agent)
+}
