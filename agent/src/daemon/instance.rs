@@ -382,7 +382,7 @@ impl Task {
         let created = match self.env.runtime.create(container).await {
             Ok(created) => created,
             Err(err) => {
-                self.unmount().await;
+                release_rootfs(&self.env.images, &self.id).await;
                 return Err(err.to_string());
             }
         };
@@ -524,7 +524,7 @@ impl Task {
         if let Err(err) = self.env.runtime.delete(&self.id).await {
             debug!(instance = %self.id, %err, "removing the ended container");
         }
-        self.unmount().await;
+        release_rootfs(&self.env.images, &self.id).await;
         self.status.last_exit = Some(LastExit {
             code: exit.code,
             state: self.status.state,
@@ -570,18 +570,6 @@ impl Task {
                     );
                 }
             }
-        }
-    }
-
-    async fn unmount(&self) {
-        let images = self.env.images.clone();
-        let id = self.id.clone();
-        match tokio::task::spawn_blocking(move || images.unmount_rootfs(&id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                warn!(instance = %self.id, %err, "releasing the root filesystem failed")
-            }
-            Err(err) => warn!(instance = %self.id, %err, "releasing the root filesystem failed"),
         }
     }
 }
@@ -666,13 +654,21 @@ async fn remove(env: &Env, id: &str, signal: &str, grace: Duration) {
         Err(RuntimeError::NotFound(_)) => {}
         Err(err) => warn!(instance = %id, %err, "reading the container failed"),
     }
-    let images = env.images.clone();
-    let owned = id.to_owned();
-    match tokio::task::spawn_blocking(move || images.unmount_rootfs(&owned)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => warn!(instance = %id, %err, "releasing the root filesystem failed"),
-        Err(err) => warn!(instance = %id, %err, "releasing the root filesystem failed"),
-    }
+    release_rootfs(&env.images, id).await;
     status::remove(&env.status_dir, id);
     debug!(instance = %id, "container, rootfs and status removed");
+}
+
+/// Unmounts container `id`'s root filesystem and releases its hold on the image, off the async
+/// threads (unmounting blocks); a failure is logged, not returned: callers are cleaning up.
+pub async fn release_rootfs(images: &ImageStore, id: &str) {
+    let store = images.clone();
+    let owned = id.to_owned();
+    let result = tokio::task::spawn_blocking(move || store.unmount_rootfs(&owned))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Err(err) = result {
+        warn!(instance = %id, %err, "releasing the root filesystem failed");
+    }
 }

@@ -229,13 +229,7 @@ async fn release_orphan_rootfs(runtime: &BuiltinRuntime, images: &ImageStore) {
             continue;
         }
         info!(%container, "releasing the root filesystem of a container that is gone");
-        let images = images.clone();
-        let id = container.clone();
-        match tokio::task::spawn_blocking(move || images.unmount_rootfs(&id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => warn!(%container, %err, "releasing a root filesystem failed"),
-            Err(err) => warn!(%container, %err, "releasing a root filesystem failed"),
-        }
+        instance::release_rootfs(images, &container).await;
     }
 }
 
