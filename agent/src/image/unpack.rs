@@ -468,6 +468,33 @@ fn set_xattrs(fd: BorrowedFd<'_>, meta: &Meta, path: &str) -> Result<(), UnpackE
     Ok(())
 }
 
+/// Sets the owner (when `chown`) and times of `name` in `parent` without following it, for
+/// entries that cannot be opened: symlinks and FIFOs. The failing operation comes with the error.
+fn owner_and_times(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    meta: &Meta,
+    chown: bool,
+) -> Result<(), (&'static str, Errno)> {
+    if chown {
+        rfs::chownat(
+            parent,
+            name,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| ("chown", e))?;
+    }
+    rfs::utimensat(
+        parent,
+        name,
+        &timestamps(meta.mtime),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| ("set times", e))
+}
+
 fn timestamps(mtime: i64) -> Timestamps {
     let t = Timespec {
         tv_sec: mtime,
@@ -620,23 +647,8 @@ fn apply_entry(
             remove_at(parent, name).map_err(err("replace"))?;
             // The target is stored verbatim: it is resolved only inside the container.
             rfs::symlinkat(OsStr::from_bytes(&target), parent, *name).map_err(err("symlink"))?;
-            if options.chown {
-                rfs::chownat(
-                    parent,
-                    *name,
-                    Some(Uid::from_raw(meta.uid)),
-                    Some(Gid::from_raw(meta.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(err("chown"))?;
-            }
-            rfs::utimensat(
-                parent,
-                *name,
-                &timestamps(meta.mtime),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(err("set times"))?;
+            owner_and_times(parent, name, &meta, options.chown)
+                .map_err(|(op, e)| fs_err(&shown, op, e))?;
         }
         EntryType::Link => {
             let target = entry
@@ -708,23 +720,8 @@ fn apply_entry(
                 0,
             )
             .map_err(err("mkfifo"))?;
-            if options.chown {
-                rfs::chownat(
-                    parent,
-                    *name,
-                    Some(Uid::from_raw(meta.uid)),
-                    Some(Gid::from_raw(meta.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(err("chown"))?;
-            }
-            rfs::utimensat(
-                parent,
-                *name,
-                &timestamps(meta.mtime),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(err("set times"))?;
+            owner_and_times(parent, name, &meta, options.chown)
+                .map_err(|(op, e)| fs_err(&shown, op, e))?;
         }
         other => {
             return Err(UnpackError::UnsupportedEntry {
