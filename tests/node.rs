@@ -125,6 +125,55 @@ fn services_jobs_restarts_and_live_restore_on_a_real_node() {
     for name in ["web", "crash", "batch"] {
         cluster.run(&["delete", "workload", name]).ok();
     }
+    wait_all_removed(&agent, &data, limit);
+    agent.kill();
+    let _ = std::io::stderr().flush();
+}
+
+/// The same Service life cycle with the scheduler's state in a real etcd: 3 replicas, scaled to
+/// 5 then 1, deleted with nothing left on the node.
+#[test]
+fn a_service_with_its_state_in_real_etcd() {
+    if !can_run("node") {
+        return;
+    }
+    let Some(cluster) = Cluster::start_on_etcd(0) else {
+        return;
+    };
+    let (data, mut agent) = start_node(&cluster, IMAGE);
+    let limit = Duration::from_secs(30);
+    wait(&agent, "the node is Ready", limit, || {
+        let nodes = cluster.json(&["get", "nodes", "-o", "json"]);
+        nodes["items"][0]["status"] == "Ready"
+    });
+    let service = |replicas: u32| {
+        format!(
+            "kind: Service\nname: web-etcd\nreplicas: {replicas}\nimage: {IMAGE}\n\
+             command: [sleep, '3600']\nstopGracePeriod: 1s\n"
+        )
+    };
+    apply(&cluster, "web-etcd", &service(3));
+    wait(&agent, "3 instances Ready", limit, || {
+        ready_ids(&cluster, "web-etcd").len() == 3
+    });
+    assert_eq!(agent.containers(), ready_ids(&cluster, "web-etcd"));
+    cluster.run(&["scale", "web-etcd", "5"]).ok();
+    wait(&agent, "5 instances Ready", limit, || {
+        ready_ids(&cluster, "web-etcd").len() == 5 && agent.containers().len() == 5
+    });
+    cluster.run(&["scale", "web-etcd", "1"]).ok();
+    wait(&agent, "1 instance left", limit, || {
+        instances(&cluster, "web-etcd").len() == 1 && agent.containers().len() == 1
+    });
+    assert_eq!(agent.containers(), ready_ids(&cluster, "web-etcd"));
+    cluster.run(&["delete", "workload", "web-etcd"]).ok();
+    wait_all_removed(&agent, &data, limit);
+    agent.kill();
+}
+
+/// Waits until the node holds no container, rootfs mount or instance status. Removal goes
+/// container, then rootfs, then status: wait for all of it.
+fn wait_all_removed(agent: &Agent, data: &Path, limit: Duration) {
     let statuses = || -> Vec<String> {
         std::fs::read_dir(data.join("instances"))
             .map(|d| {
@@ -134,13 +183,10 @@ fn services_jobs_restarts_and_live_restore_on_a_real_node() {
             })
             .unwrap_or_default()
     };
-    // Removal goes container, then rootfs, then status: wait for all of it.
     wait(
-        &agent,
+        agent,
         "every container, mount and status removed",
         limit,
-        || agent.containers().is_empty() && mounts_under(&data) == 0 && statuses().is_empty(),
+        || agent.containers().is_empty() && mounts_under(data) == 0 && statuses().is_empty(),
     );
-    agent.kill();
-    let _ = std::io::stderr().flush();
 }

@@ -7,6 +7,10 @@
 
 pub mod node;
 
+/// A real single-member etcd on loopback (the scheduler's own test harness).
+#[path = "../../scheduler/tests/support/mod.rs"]
+pub mod etcd;
+
 use std::path::PathBuf;
 use std::process::Output;
 use std::sync::Arc;
@@ -85,6 +89,9 @@ pub struct Cluster {
     server: Option<JoinHandle<anyhow::Result<()>>>,
     /// Scratch space for workload files, and `HOME` of the CLI.
     pub dir: TempDir,
+    /// The etcd the scheduler stores its state in ([`Cluster::start_on_etcd`]); dropped after
+    /// the scheduler.
+    etcd: Option<etcd::EtcdServer>,
 }
 
 impl Cluster {
@@ -95,6 +102,16 @@ impl Cluster {
 
     /// A scheduler with `nodes` simulated nodes built by `agent(name)`, all Ready.
     pub fn start_with(nodes: usize, agent: impl Fn(String) -> SimConfig) -> Self {
+        Self::start_on(nodes, agent, false)
+    }
+
+    /// A scheduler on a real etcd (started here, on loopback) with `nodes` default simulated
+    /// nodes. `None` where etcd is missing and the test may skip (never under `CI=true`).
+    pub fn start_on_etcd(nodes: usize) -> Option<Self> {
+        etcd::etcd_available().then(|| Self::start_on(nodes, SimConfig::new, true))
+    }
+
+    fn start_on(nodes: usize, agent: impl Fn(String) -> SimConfig, on_etcd: bool) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -102,13 +119,18 @@ impl Cluster {
             .expect("test runtime");
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("scheduler");
-        let (addr, stop, server, agents) = runtime.block_on(async {
+        let (addr, stop, server, agents, etcd) = runtime.block_on(async {
             std::fs::create_dir_all(&data).expect("scheduler data dir");
-            let store: Arc<dyn Store> = Arc::new(
-                EmbeddedStore::open(data.join("store.redb"))
+            let (store, etcd): (Arc<dyn Store>, _) = if on_etcd {
+                let etcd = etcd::EtcdServer::start().await.expect("starting etcd");
+                let store = etcd.connect().await.expect("connecting to etcd");
+                (Arc::new(store), Some(etcd))
+            } else {
+                let store = EmbeddedStore::open(data.join("store.redb"))
                     .await
-                    .expect("embedded store"),
-            );
+                    .expect("embedded store");
+                (Arc::new(store), None)
+            };
             let config = Config::new("127.0.0.1:0".parse().expect("addr"), data.clone());
             let (bound_tx, bound_rx) = oneshot::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -125,7 +147,7 @@ impl Cluster {
             for n in 0..nodes {
                 agents.push(SimAgent::start(vec![addr.clone()], agent(format!("node-{n}"))).await);
             }
-            (addr, stop_tx, server, agents)
+            (addr, stop_tx, server, agents, etcd)
         });
         let cluster = Cluster {
             runtime,
@@ -134,6 +156,7 @@ impl Cluster {
             stop: Some(stop),
             server: Some(server),
             dir,
+            etcd,
         };
         cluster.wait_until("every node is Ready", || {
             let nodes = cluster.json(&["get", "nodes", "-o", "json"]);
@@ -284,5 +307,6 @@ impl Drop for Cluster {
                 let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
             }
         });
+        drop(self.etcd.take());
     }
 }
