@@ -103,6 +103,8 @@ fn services_jobs_restarts_and_live_restore_on_a_real_node() {
     });
     let crash = &instances(&cluster, "crash")[0];
     assert_eq!(crash["status"]["exitCode"], 3, "{crash:?}");
+    assert_eq!(crash["status"]["lastExit"]["exitCode"], 3, "{crash:?}");
+    assert_eq!(crash["status"]["lastExit"]["state"], "Exited", "{crash:?}");
 
     // A Job of 5 completions, 2 at a time: 5 instances that exited 0.
     apply(

@@ -332,6 +332,15 @@ pub struct InstanceStatus {
     /// Restarts so far.
     #[serde(default)]
     pub restart_count: u32,
+    /// How the previous run ended, once restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<LastExit>,
+    /// Image pull progress (kept after the pull with the final numbers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullProgress>,
+    /// The resolved image digest (`sha256:…`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image_digest: String,
     /// The instance's IP.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ip: String,
@@ -346,6 +355,39 @@ pub struct InstanceStatus {
     pub finished_at: Option<Timestamp>,
     /// When the agent observed this.
     pub observed_at: Timestamp,
+}
+
+/// How the previous run of a restarted instance ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastExit {
+    /// Exit status; 128+N when killed by signal N.
+    pub exit_code: i32,
+    /// The state it ended in (Exited, OOMKilled or Failed).
+    pub state: InstanceState,
+    /// CamelCase reason.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// When that run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+}
+
+/// Image pull progress, summed over layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullProgress {
+    /// Compressed bytes downloaded.
+    pub bytes_done: u64,
+    /// Compressed bytes to download; 0 while the manifest is not known.
+    pub bytes_total: u64,
+    /// Layers downloaded and verified.
+    pub layers_done: u32,
+    /// Layers in the image.
+    pub layers_total: u32,
 }
 
 /// A node as registered by its agent, plus what operators set on it.

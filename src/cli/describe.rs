@@ -239,6 +239,36 @@ async fn instance(client: &Client, id: &str, color: bool) -> anyhow::Result<Stri
         field(&mut out, "Exit code", code);
     }
     field(&mut out, "Restarts", status.restart_count);
+    if let Some(last) = &status.last_exit {
+        let reason = if last.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", last.reason)
+        };
+        field(
+            &mut out,
+            "Last exit",
+            format!(
+                "{} code {}{reason}, finished {}",
+                view::instance_state(last.state),
+                last.exit_code,
+                time(last.finished_at.as_ref(), now)
+            ),
+        );
+    }
+    if let Some(pull) = &status.pull {
+        field(
+            &mut out,
+            "Image pull",
+            format!(
+                "{} of {} layers, {} of {} bytes",
+                pull.layers_done, pull.layers_total, pull.bytes_done, pull.bytes_total
+            ),
+        );
+    }
+    if !status.image_digest.is_empty() {
+        field(&mut out, "Image digest", &status.image_digest);
+    }
     if !status.ip.is_empty() {
         field(&mut out, "IP", &status.ip);
     }

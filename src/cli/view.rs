@@ -12,8 +12,9 @@
 //!            conditions: [{type, status, reason, message, lastTransitionTime}]} | null}
 //! Instance  {kind: "Instance", name, workload, generation, node, labels, createdAt, scheduledAt,
 //!            stopRequestedAt, placementFailures: [..], state, status: {state, reason, message,
-//!            exitCode, restartCount, ip, startedAt, readyAt, finishedAt, observedAt} | null,
-//!            revision}
+//!            exitCode, restartCount, lastExit: {exitCode, state, reason, startedAt,
+//!            finishedAt} | null, pull: {bytesDone, bytesTotal, layersDone, layersTotal} | null,
+//!            imageDigest, ip, startedAt, readyAt, finishedAt, observedAt} | null, revision}
 //! Node      {kind: "Node", name, labels, status ("Ready" | "NotReady"), cordoned, draining,
 //!            capacity, allocatable, allocated: {cpu, memory, pids}, address, os, arch, runtime,
 //!            agentVersion, kernelVersion, osImage, subnet, registeredAt, instanceCount, revision}
@@ -252,6 +253,13 @@ pub struct InstanceStatusDoc {
     pub exit_code: Option<i32>,
     /// Restarts on its node.
     pub restart_count: u32,
+    /// How the previous run ended; `null` before the first restart.
+    pub last_exit: Option<LastExitDoc>,
+    /// Image pull progress (kept after the pull with the final numbers); `null` when the
+    /// image was already on the node.
+    pub pull: Option<PullDoc>,
+    /// Resolved image digest; `null` before the image is resolved.
+    pub image_digest: Option<String>,
     /// Container IP address; `null` when it has none.
     pub ip: Option<String>,
     /// When the process last started.
@@ -262,6 +270,36 @@ pub struct InstanceStatusDoc {
     pub finished_at: Option<String>,
     /// When the agent observed this status.
     pub observed_at: Option<String>,
+}
+
+/// How the previous run of a restarted instance ended.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastExitDoc {
+    /// Exit status; 128+N when killed by signal N.
+    pub exit_code: i32,
+    /// `Exited`, `OOMKilled` or `Failed`.
+    pub state: &'static str,
+    /// CamelCase reason.
+    pub reason: String,
+    /// When that run started.
+    pub started_at: Option<String>,
+    /// When it finished.
+    pub finished_at: Option<String>,
+}
+
+/// Image pull progress, summed over layers.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullDoc {
+    /// Compressed bytes downloaded.
+    pub bytes_done: u64,
+    /// Compressed bytes to download; 0 while the manifest is not known.
+    pub bytes_total: u64,
+    /// Layers downloaded and verified.
+    pub layers_done: u32,
+    /// Layers in the image.
+    pub layers_total: u32,
 }
 
 /// The word for an instance state.
@@ -315,6 +353,20 @@ impl InstanceDoc {
                 message: s.message.clone(),
                 exit_code: s.exit_code,
                 restart_count: s.restart_count,
+                last_exit: s.last_exit.as_ref().map(|l| LastExitDoc {
+                    exit_code: l.exit_code,
+                    state: instance_state(l.state),
+                    reason: l.reason.clone(),
+                    started_at: time(l.started_at.as_ref()),
+                    finished_at: time(l.finished_at.as_ref()),
+                }),
+                pull: s.pull.as_ref().map(|p| PullDoc {
+                    bytes_done: p.bytes_done,
+                    bytes_total: p.bytes_total,
+                    layers_done: p.layers_done,
+                    layers_total: p.layers_total,
+                }),
+                image_digest: non_empty(&s.image_digest),
                 ip: non_empty(&s.ip),
                 started_at: time(s.started_at.as_ref()),
                 ready_at: time(s.ready_at.as_ref()),

@@ -121,10 +121,20 @@ pub fn instance_status_to_pb(id: &str, s: &model::InstanceStatus) -> pb::Instanc
         message: s.message.clone(),
         exit_code: s.exit_code,
         restart_count: s.restart_count,
-        // Not kept in the store yet.
-        last_exit: None,
-        pull: None,
-        image_digest: String::new(),
+        last_exit: s.last_exit.as_ref().map(|l| pb::LastExit {
+            exit_code: l.exit_code,
+            state: pb::InstanceState::from(l.state).into(),
+            reason: l.reason.clone(),
+            started_at: l.started_at.and_then(timestamp),
+            finished_at: l.finished_at.and_then(timestamp),
+        }),
+        pull: s.pull.map(|p| pb::PullProgress {
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+            layers_done: p.layers_done,
+            layers_total: p.layers_total,
+        }),
+        image_digest: s.image_digest.clone(),
         ip: s.ip.clone(),
         started_at: s.started_at.and_then(timestamp),
         ready_at: s.ready_at.and_then(timestamp),
@@ -395,8 +405,6 @@ pub fn object_kinds_from_pb(path: &str, kinds: Vec<i32>) -> Result<Vec<ObjectKin
 }
 
 /// The status an agent reported for an instance, and the instance's id.
-///
-/// `last_exit`, `pull` and `image_digest` are not kept in the store yet and are dropped.
 pub fn instance_status_from_pb(
     status: pb::InstanceStatus,
 ) -> Result<(String, model::InstanceStatus), ops::Error> {
@@ -411,8 +419,6 @@ pub fn instance_status_from_pb(
 /// The status an agent reported for an instance, and the instance's id, for callers that
 /// word their own errors: `missing_id` when the id is empty, else `state` converts the
 /// wire state (given with the instance id). A missing `observed_at` is `observed_default`.
-///
-/// `last_exit`, `pull` and `image_digest` are not kept in the store yet and are dropped.
 pub(crate) fn instance_status_with<E>(
     status: pb::InstanceStatus,
     observed_default: Timestamp,
@@ -427,9 +433,9 @@ pub(crate) fn instance_status_with<E>(
         message,
         exit_code,
         restart_count,
-        last_exit: _,
-        pull: _,
-        image_digest: _,
+        last_exit,
+        pull,
+        image_digest,
         ip,
         started_at,
         ready_at,
@@ -440,6 +446,24 @@ pub(crate) fn instance_status_with<E>(
         return Err(missing_id());
     }
     let state = state(wire_state, &instance_id)?;
+    // A last exit whose state is not a known one keeps the run's code and times: it is
+    // history, not something to refuse the report for.
+    let last_exit = last_exit.map(|l| model::LastExit {
+        exit_code: l.exit_code,
+        state: pb::InstanceState::try_from(l.state)
+            .ok()
+            .and_then(instance_state)
+            .unwrap_or(InstanceState::Exited),
+        reason: l.reason,
+        started_at: l.started_at.map(Timestamp::from),
+        finished_at: l.finished_at.map(Timestamp::from),
+    });
+    let pull = pull.map(|p| model::PullProgress {
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        layers_done: p.layers_done,
+        layers_total: p.layers_total,
+    });
     Ok((
         instance_id,
         model::InstanceStatus {
@@ -449,6 +473,9 @@ pub(crate) fn instance_status_with<E>(
             message,
             exit_code,
             restart_count,
+            last_exit,
+            pull,
+            image_digest,
             ip,
             started_at: started_at.map(Timestamp::from),
             ready_at: ready_at.map(Timestamp::from),
@@ -563,6 +590,20 @@ mod tests {
             message: "done".into(),
             exit_code: Some(0),
             restart_count: 2,
+            last_exit: Some(model::LastExit {
+                exit_code: 137,
+                state: InstanceState::OomKilled,
+                reason: "OOMKilled".into(),
+                started_at: Some(Timestamp(500)),
+                finished_at: Some(Timestamp(900)),
+            }),
+            pull: Some(model::PullProgress {
+                bytes_done: 10,
+                bytes_total: 20,
+                layers_done: 1,
+                layers_total: 2,
+            }),
+            image_digest: "sha256:abc".into(),
             ip: "10.88.0.2".into(),
             started_at: Some(Timestamp(1_000)),
             ready_at: None,
