@@ -1,12 +1,12 @@
-//! `gantry-agent image import|ls`: node-local images, without a registry or a scheduler —
-//! `docker load` and `docker images` for the agent's image store (`<data-dir>/images`).
+//! `gantry-agent image import|pull|ls`: node-local images without a scheduler — `docker load`,
+//! `docker pull` and `docker images` for the agent's image store (`<data-dir>/images`).
 //!
 //! # Beside a running agent
 //!
 //! The image store is not safe to open from two processes: a store caches `index.json` in
 //! memory and rewrites it whole under an in-process mutex (an agent would overwrite, and never
 //! see, an image another process recorded), and opening a store sweeps the temp files an
-//! unfinished pull of the other process is writing. So `import` refuses while a
+//! unfinished pull of the other process is writing. So `import` and `pull` refuse while a
 //! `gantry-agent run` uses the same data directory (found through /proc; stop it with
 //! `gantry down --keep`, whose containers keep running, import, then `gantry up`). `ls` never
 //! opens the store: it only reads `index.json`, which is always replaced atomically, so it is
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use gantry_agent::image::ImageStore;
+use gantry_agent::image::{ImageRef, ImageStore, ProgressSink, PullOptions};
 use serde::Deserialize;
 
 /// The data directory `gantry-agent run` uses when given none.
@@ -51,6 +51,22 @@ enum Verb {
         /// The tarball, or `-` for standard input.
         file: String,
     },
+    /// Pull an image from a registry and unpack its layers; prints the reference and digest.
+    /// Plain HTTP for loopback registries and those given with `--insecure-registry`.
+    /// Refused while an agent runs on the data directory.
+    Pull {
+        /// Image reference (`busybox`, `127.0.0.1:5000/team/web:1.2`, `name@sha256:…`).
+        reference: String,
+        /// A registry (`host` or `host:port`) reached over plain HTTP. Repeatable.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registries: Vec<String>,
+        /// A docker-style `config.json` with registry credentials.
+        #[arg(long, value_name = "FILE")]
+        registry_config: Option<PathBuf>,
+        /// Layers downloaded at once.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+        max_concurrent_downloads: u16,
+    },
     /// List the images: REFERENCE DIGEST SIZE.
     #[command(visible_alias = "list")]
     Ls,
@@ -60,22 +76,51 @@ enum Verb {
 pub fn main(cmd: ImageCmd) -> Result<()> {
     match cmd.command {
         Verb::Import { file } => import(&cmd.data_dir, &file),
+        Verb::Pull {
+            reference,
+            insecure_registries,
+            registry_config,
+            max_concurrent_downloads,
+        } => {
+            let options = PullOptions {
+                docker_config: registry_config,
+                insecure_registries,
+                max_concurrent_downloads: max_concurrent_downloads.into(),
+                ..PullOptions::default()
+            };
+            pull(&cmd.data_dir, &reference, &options)
+        }
         Verb::Ls => ls(&cmd.data_dir),
     }
 }
 
-fn import(data_dir: &Path, file: &str) -> Result<()> {
-    let running = agents_on(data_dir);
-    if let Some(pid) = running.first() {
+/// Opens the image store of `data_dir` for `verb`, refusing while an agent runs on it.
+fn open_alone(data_dir: &Path, verb: &str) -> Result<ImageStore> {
+    if let Some(pid) = agents_on(data_dir).first() {
         bail!(
             "an agent (pid {pid}) is running on {}: its image store cannot be changed from another \
-             process; stop it first (`gantry down --keep` keeps the containers running), import, \
+             process; stop it first (`gantry down --keep` keeps the containers running), {verb}, \
              then start it again (`gantry up`)",
             data_dir.display()
         );
     }
-    let store = ImageStore::open(data_dir.join("images"))
-        .with_context(|| format!("opening the image store in {}", data_dir.display()))?;
+    ImageStore::open(data_dir.join("images"))
+        .with_context(|| format!("opening the image store in {}", data_dir.display()))
+}
+
+fn pull(data_dir: &Path, reference: &str, options: &PullOptions) -> Result<()> {
+    let reference = ImageRef::parse(reference)?;
+    let store = open_alone(data_dir, "pull")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let image = runtime
+        .block_on(store.pull(&reference, options, ProgressSink::none()))
+        .with_context(|| format!("pulling {reference}"))?;
+    println!("pulled {reference} {}", image.digest);
+    Ok(())
+}
+
+fn import(data_dir: &Path, file: &str) -> Result<()> {
+    let store = open_alone(data_dir, "import")?;
     let images = if file == "-" {
         store.import(std::io::stdin().lock())
     } else {
