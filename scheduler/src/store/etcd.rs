@@ -4,8 +4,17 @@
 //! or cannot reach etcd fails with [`StoreError::Unavailable`]. Watch streams are
 //! long-lived and not bounded: HTTP/2 keep-alive notices a dead connection, and the watch
 //! resumes on a new stream from the revision after the last one it delivered.
+//!
+//! # Members that go down
+//!
+//! etcd-client balances requests over all endpoints and keeps sending some to a member that
+//! refuses connections (every such call fails at once). With more than one endpoint, a
+//! background task probes each member's client port every [`EtcdOptions::probe_interval`]
+//! (a TCP connect bounded by the same interval), takes a member that does not answer out of
+//! the balancer and puts it back once it answers again. The last member is never taken out.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -41,6 +50,8 @@ pub struct EtcdOptions {
     /// How many times in a row a broken watch stream is re-established (with exponential
     /// backoff from 100 ms to 2 s) before the stream ends with [`StoreError::Unavailable`].
     pub watch_resume_attempts: u32,
+    /// How often each member is probed when there are several (see the module docs).
+    pub probe_interval: Duration,
 }
 
 impl EtcdOptions {
@@ -53,6 +64,7 @@ impl EtcdOptions {
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
             watch_resume_attempts: 10,
+            probe_interval: Duration::from_millis(500),
         }
     }
 }
@@ -62,6 +74,64 @@ impl EtcdOptions {
 pub struct EtcdStore {
     client: Client,
     options: EtcdOptions,
+    /// The member prober (several endpoints only); stopped with the last clone.
+    _prober: Option<Arc<AbortOnDrop>>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The `host:port` of an endpoint URL (`http://10.0.0.1:2379` → `10.0.0.1:2379`).
+fn endpoint_authority(endpoint: &str) -> Option<String> {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    (!authority.is_empty()).then(|| authority.to_owned())
+}
+
+/// Probes every endpoint forever, taking members that refuse or ignore connections out of
+/// the client's balancer and putting them back when they answer (never removing the last).
+async fn probe_members(client: Client, endpoints: Vec<String>, interval: Duration) {
+    let mut out: BTreeSet<String> = BTreeSet::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        for endpoint in &endpoints {
+            let Some(authority) = endpoint_authority(endpoint) else {
+                continue;
+            };
+            let up = matches!(
+                tokio::time::timeout(interval, tokio::net::TcpStream::connect(&authority)).await,
+                Ok(Ok(_))
+            );
+            let is_out = out.contains(endpoint);
+            if up && is_out {
+                match client.add_endpoint(endpoint).await {
+                    Ok(()) => {
+                        out.remove(endpoint);
+                        warn!(%endpoint, "etcd member answers again: back in use");
+                    }
+                    Err(err) => debug!(%endpoint, %err, "putting an etcd member back"),
+                }
+            } else if !up && !is_out && out.len() + 1 < endpoints.len() {
+                match client.remove_endpoint(endpoint).await {
+                    Ok(()) => {
+                        out.insert(endpoint.clone());
+                        warn!(%endpoint, "etcd member does not answer: not used until it does");
+                    }
+                    Err(err) => debug!(%endpoint, %err, "taking an etcd member out"),
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -271,7 +341,18 @@ impl EtcdStore {
         )
         .await
         .map_err(|err| err.into_store("connect"))?;
-        Ok(Self { client, options })
+        let prober = (options.endpoints.len() > 1).then(|| {
+            Arc::new(AbortOnDrop(tokio::spawn(probe_members(
+                client.clone(),
+                options.endpoints.clone(),
+                options.probe_interval,
+            ))))
+        });
+        Ok(Self {
+            client,
+            options,
+            _prober: prober,
+        })
     }
 
     async fn call<T>(
@@ -656,6 +737,23 @@ impl Watcher {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn endpoint_authorities_are_host_and_port() {
+        assert_eq!(
+            endpoint_authority("http://10.0.0.1:2379").as_deref(),
+            Some("10.0.0.1:2379")
+        );
+        assert_eq!(
+            endpoint_authority("https://etcd-1.example:2379/").as_deref(),
+            Some("etcd-1.example:2379")
+        );
+        assert_eq!(
+            endpoint_authority("127.0.0.1:2379").as_deref(),
+            Some("127.0.0.1:2379")
+        );
+        assert_eq!(endpoint_authority("http://"), None);
+    }
+
     use super::*;
 
     #[test]
