@@ -103,6 +103,11 @@ fn describe(status: &tonic::Status, address: &str) -> String {
 
 /// Whether the call failed in the transport (no connection) rather than in the scheduler.
 fn transport_failed(status: &tonic::Status) -> bool {
+    // The scheduler's own word that its store (etcd) is unreachable quotes the store's
+    // transport error: the scheduler answered, so it is not a failure to reach it.
+    if status.message().starts_with("store unavailable") {
+        return false;
+    }
     std::error::Error::source(status).is_some()
         || status.message().contains("transport error")
         || status.message().contains("tcp connect error")
@@ -121,6 +126,15 @@ mod tests {
 
     fn message(status: tonic::Status) -> String {
         api(status, "http://127.0.0.1:7700").to_string()
+    }
+
+    #[test]
+    fn an_unreachable_store_is_not_an_unreachable_scheduler() {
+        let m = message(tonic::Status::unavailable(
+            "store unavailable during get: transport error: tcp connect error: Connection refused; retry",
+        ));
+        assert!(m.contains("is unavailable: store unavailable"), "{m}");
+        assert!(!m.contains("cannot reach"), "{m}");
     }
 
     #[test]
