@@ -74,17 +74,28 @@ fn an_unreachable_scheduler_is_named_with_what_to_do() {
 }
 
 #[test]
-fn attached_run_is_refused_until_logs_stream() {
+fn attached_run_refuses_service_flags_before_calling_the_scheduler() {
+    // (Attached runs themselves are tested with a real node in tests/relay.rs.)
     let home = tempfile::tempdir().unwrap();
-    let ran: Ran = gantry(home.path())
-        .args(["--addr", "http://127.0.0.1:9", "run", "busybox"])
-        .output()
-        .unwrap()
-        .into();
-    assert!(
-        ran.fails(1).contains("use -d") || ran.stderr.contains("gantry run -d"),
-        "{ran:#?}"
-    );
+    for (flag, value) in [("--replicas", "2"), ("--restart", "always")] {
+        let ran: Ran = gantry(home.path())
+            .args([
+                "--addr",
+                "http://127.0.0.1:9",
+                "run",
+                flag,
+                value,
+                "busybox",
+            ])
+            .output()
+            .unwrap()
+            .into();
+        let stderr = ran.fails(2);
+        assert!(
+            stderr.contains(flag) && stderr.contains("needs -d"),
+            "{ran:#?}"
+        );
+    }
 }
 
 #[test]

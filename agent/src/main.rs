@@ -2,10 +2,12 @@
 //! be dispatched before anything starts a thread (libcontainer forks and runs Rust code in its
 //! children, which is only sound in a single-threaded process). `gantry-agent run …` is the node
 //! agent daemon; `gantry-agent image …` imports and lists node-local images; `gantry-agent ctr …`
-//! drives the runtime directly.
+//! drives the runtime directly; `gantry-agent network cleanup` detaches what dead containers left
+//! on the network.
 
 mod ctr;
 mod image_cmd;
+mod net_cmd;
 mod serve;
 
 use std::process::ExitCode;
@@ -45,6 +47,17 @@ fn main() -> ExitCode {
             );
             block_on("run", serve::main(opts), |()| ExitCode::SUCCESS)
         }
+        Some("network") => {
+            let opts = net_cmd::NetworkCmd::parse_from(
+                std::iter::once("gantry-agent network".to_string())
+                    .chain(args[2..].iter().cloned()),
+            );
+            logs_to_stderr(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            );
+            block_on("network", net_cmd::main(opts), |()| ExitCode::SUCCESS)
+        }
         Some("image") => {
             let opts = image_cmd::ImageCmd::parse_from(
                 std::iter::once("gantry-agent image".to_string()).chain(args[2..].iter().cloned()),
@@ -59,7 +72,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: gantry-agent run --help | gantry-agent image --help | gantry-agent ctr --help | gantry-agent shim run|exec|delete STATE_DIR"
+                "usage: gantry-agent run --help | gantry-agent image --help | gantry-agent ctr --help | gantry-agent network --help | gantry-agent shim run|exec|delete STATE_DIR"
             );
             ExitCode::from(2)
         }

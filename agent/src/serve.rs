@@ -11,6 +11,7 @@ use gantry::quantity::{Bytes, Cpu};
 use gantry_agent::daemon::session::Dial;
 use gantry_agent::daemon::{self, Config};
 use gantry_agent::image::PullOptions;
+use gantry_agent::image::gc::GcPolicy;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -75,6 +76,40 @@ pub struct Run {
     /// Periodic reconcile interval, in seconds.
     #[arg(long, default_value_t = 30)]
     resync_secs: u64,
+    /// Address of /metrics, /healthz and /readyz ("" to turn them off).
+    #[arg(long, default_value = daemon::metrics::DEFAULT_LISTEN)]
+    metrics_listen: String,
+    /// Disk usage (percent of the image store's filesystem) at which unused images are
+    /// removed, least recently used first; 100 turns image garbage collection off.
+    #[arg(long, default_value_t = 85)]
+    image_gc_high_threshold: u8,
+    /// Disk usage (percent) image garbage collection brings the filesystem down to.
+    #[arg(long, default_value_t = 80)]
+    image_gc_low_threshold: u8,
+    /// Images younger than this are never collected (`2m`, `1h`).
+    #[arg(long, default_value = "2m")]
+    image_gc_min_age: gantry::duration::Duration,
+    /// How often image garbage collection measures the disk (also soon after a container is
+    /// removed).
+    #[arg(long, default_value = "5m")]
+    image_gc_interval: gantry::duration::Duration,
+    /// CNI conflist for containers with the `bridge` network (default: one the agent writes
+    /// under the data dir: bridge `gantry0`, host-local addresses from the node subnet, portmap,
+    /// firewall). Point it at another network's conflist (Calico, Cilium, Flannel, …) to use it.
+    #[arg(long)]
+    cni_conf: Option<PathBuf>,
+    /// Directory of the CNI plugins (default: `CNI_PATH`, else /usr/lib/cni then /opt/cni/bin);
+    /// repeatable or comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    cni_bin_dir: Vec<PathBuf>,
+    /// The node subnet used when the scheduler allocates none (a scheduler without a cluster
+    /// network, or a single-node setup); the scheduler's allocation wins when it sends one.
+    #[arg(long, default_value = daemon::net::DEFAULT_SUBNET)]
+    subnet: String,
+    /// Bridge of the default conflist. A bridge carries one node subnet: agents sharing a
+    /// network namespace (tests) need one each.
+    #[arg(long, default_value = gantry_agent::network::DEFAULT_BRIDGE)]
+    cni_bridge: String,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -106,6 +141,50 @@ fn config(run: Run) -> Result<Config> {
             bail!("--label {label:?}: expected key=value");
         };
         labels.insert(key.to_owned(), value.to_owned());
+    }
+    let fallback_subnet: ipnet::IpNet = run.subnet.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--subnet {:?}: expected a subnet in CIDR notation, such as 10.88.0.0/24",
+            run.subnet
+        )
+    })?;
+    if let Some(conf) = &run.cni_conf
+        && !conf.is_file()
+    {
+        bail!(
+            "--cni-conf {}: no such file; give the path of a CNI conflist (or leave the flag out \
+             for the agent's default network)",
+            conf.display()
+        );
+    }
+    let metrics_listen = match run.metrics_listen.trim() {
+        "" => None,
+        addr => Some(addr.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--metrics-listen {addr:?}: expected IP:PORT, such as 127.0.0.1:7702 or \
+                 0.0.0.0:7702 (or \"\" to turn the endpoint off)"
+            )
+        })?),
+    };
+    let image_gc = image_gc_policy(
+        run.image_gc_high_threshold,
+        run.image_gc_low_threshold,
+        run.image_gc_min_age.get(),
+    )?;
+    if run.image_gc_interval.is_zero() {
+        bail!("--image-gc-interval 0: give a period such as 5m");
+    }
+    if run.cni_bridge.is_empty()
+        || run.cni_bridge.len() > 15
+        || !run
+            .cni_bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        bail!(
+            "--cni-bridge {:?}: an interface name is 1 to 15 letters, digits, '-', '_' or '.'",
+            run.cni_bridge
+        );
     }
     let tls = if run.ca.is_some() || run.cert.is_some() {
         let mut tls = ClientTlsConfig::new();
@@ -144,5 +223,52 @@ fn config(run: Run) -> Result<Config> {
             ..PullOptions::default()
         },
         resync: Duration::from_secs(run.resync_secs.max(1)),
+        metrics_listen,
+        image_gc,
+        image_gc_interval: run.image_gc_interval.get(),
+        network: daemon::net::NetConfig {
+            conflist: run.cni_conf,
+            plugin_dirs: run.cni_bin_dir,
+            fallback_subnet: fallback_subnet.trunc(),
+            bridge: run.cni_bridge,
+        },
     })
+}
+
+/// The garbage collection policy from the flags, checked the way the kubelet checks its own.
+fn image_gc_policy(high: u8, low: u8, min_age: Duration) -> Result<GcPolicy> {
+    if high > 100 || low > 100 {
+        bail!(
+            "--image-gc-high-threshold {high} / --image-gc-low-threshold {low}: percentages go \
+             from 0 to 100 (100 turns image garbage collection off)"
+        );
+    }
+    if high < 100 && low >= high {
+        bail!(
+            "--image-gc-low-threshold {low} must be below --image-gc-high-threshold {high}: \
+             collection starts at the high mark and stops at the low one"
+        );
+    }
+    Ok(GcPolicy {
+        high_percent: high,
+        low_percent: low,
+        min_age,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_gc_flags() {
+        let min = Duration::from_secs(120);
+        assert_eq!(image_gc_policy(85, 80, min).unwrap(), GcPolicy::default());
+        assert!(image_gc_policy(100, 100, min).is_ok(), "100 turns it off");
+        let err = image_gc_policy(80, 85, min).unwrap_err().to_string();
+        assert!(err.contains("must be below"), "{err}");
+        assert!(image_gc_policy(80, 80, min).is_err());
+        let err = image_gc_policy(101, 80, min).unwrap_err().to_string();
+        assert!(err.contains("from 0 to 100"), "{err}");
+    }
 }

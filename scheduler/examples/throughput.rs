@@ -61,6 +61,8 @@ async fn main() -> Result<()> {
     }
     let mut config = Config::new("127.0.0.1:0".parse()?, dir.path().to_path_buf());
     config.identity = "bench".into();
+    // Room for a node subnet (/24) per simulated node.
+    config.cluster_cidr = "10.0.0.0/8".parse()?;
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::run_with_store(

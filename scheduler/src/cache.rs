@@ -261,6 +261,8 @@ struct Inner {
     synced: watch::Sender<bool>,
     dirty: Mutex<Vec<Dirty>>,
     node_notify: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Bumped whenever node records or live keys change (node sessions resend the network).
+    membership: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -287,6 +289,7 @@ impl Cache {
                 synced: watch::channel(false).0,
                 dirty: Mutex::new(Vec::new()),
                 node_notify: Mutex::new(HashMap::new()),
+                membership: watch::channel(0).0,
             }),
         }
     }
@@ -294,6 +297,11 @@ impl Cache {
     /// Reads the view. Hold the guard briefly: the watch waits for it.
     pub fn read(&self) -> RwLockReadGuard<'_, View> {
         self.inner.view.read().expect("view lock")
+    }
+
+    /// Changes whenever a node record or live key changes (or the view is listed again).
+    pub fn membership(&self) -> watch::Receiver<u64> {
+        self.inner.membership.subscribe()
     }
 
     /// The revision the view reflects.
@@ -383,6 +391,7 @@ impl Cache {
             notify.notify_one();
         }
         self.inner.revision.send_replace(revision);
+        self.inner.membership.send_modify(|n| *n += 1);
         self.inner.synced.send_replace(true);
     }
 
@@ -410,6 +419,9 @@ impl Cache {
                 drop(set);
                 dirty.notify.notify_one();
             }
+        }
+        if any_node {
+            self.inner.membership.send_modify(|n| *n += 1);
         }
         if !nodes.is_empty() {
             let notifies = self.inner.node_notify.lock().expect("node notify lock");

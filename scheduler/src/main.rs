@@ -74,6 +74,10 @@ struct Args {
     /// the node (DNS SAN). Needs --tls-cert.
     #[arg(long, requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// The cluster network: each node gets one /24 of it for its containers at its first
+    /// registration. Give every replica the same value.
+    #[arg(long, default_value = gantry_scheduler::network::DEFAULT_CLUSTER_CIDR)]
+    cluster_cidr: String,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -130,6 +134,11 @@ fn main() -> anyhow::Result<()> {
     }
     config.leader_ttl = args.leader_ttl.into();
     config.heartbeat_interval = args.heartbeat_interval.into();
+    config.cluster_cidr = args
+        .cluster_cidr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
+    gantry_scheduler::network::check_cluster(config.cluster_cidr).map_err(anyhow::Error::msg)?;
     config.controller.node_grace = args.node_grace.into();
     config.controller.lease_ttl = args.session_ttl.into();
     config.controller.resync = args.resync.into();

@@ -13,6 +13,7 @@
 //! | `/gantry/v1/status/{workload}/{id}` | [`InstanceStatus`] (observed, from the agent) | the scheduler serving the node's session |
 //! | `/gantry/v1/nodes/{name}` | [`NodeRecord`] (registration, cordon, drain, subnet) | session (register), API (cordon, drain) |
 //! | `/gantry/v1/live/{name}` | [`Liveness`], attached to the session's lease | the scheduler serving the node's session |
+//! | `/gantry/v1/subnets/{a.b.c.d-len}` | the node name holding that subnet (see `crate::network`) | session (register) |
 //! | `/gantry/v1/leader` | the leader's identity, attached to its lease | election |
 //! | `/gantry/v1/notices/{revision:020}-{name}` | [`NoticeRecord`], pruned after an hour by the leader | controllers |
 //!
@@ -48,6 +49,8 @@ pub mod keys {
     pub const NODES: &str = "/gantry/v1/nodes/";
     /// Prefix of node liveness keys.
     pub const LIVE: &str = "/gantry/v1/live/";
+    /// Prefix of the node subnet claims (one key per allocated subnet).
+    pub const SUBNETS: &str = "/gantry/v1/subnets/";
     /// The leader election key.
     pub const LEADER: &str = "/gantry/v1/leader";
     /// Prefix of notices (events with a message).
@@ -101,6 +104,11 @@ pub mod keys {
     /// Liveness of node `name`.
     pub fn live(name: &str) -> String {
         format!("{LIVE}{name}")
+    }
+
+    /// Claim of a node subnet, in its key form (`10.88.3.0-24`); the value is the node name.
+    pub fn subnet(key_form: &str) -> String {
+        format!("{SUBNETS}{key_form}")
     }
 
     /// A notice about object `name`, written at store revision `after` (the revision the

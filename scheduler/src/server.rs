@@ -48,6 +48,8 @@ pub struct Config {
     pub controller: controller::Config,
     /// TLS for the gRPC API and node sessions; plain HTTP/2 when `None`.
     pub tls: Option<TlsFiles>,
+    /// The cluster network node subnets are cut from.
+    pub cluster_cidr: crate::network::Cidr,
 }
 
 /// The files of the API's TLS settings.
@@ -94,6 +96,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(2),
             controller: controller::Config::default(),
             tls: None,
+            cluster_cidr: crate::session::default_cluster_cidr(),
         }
     }
 }
@@ -193,14 +196,16 @@ pub async fn run_with_store(
             heartbeat_interval: config.heartbeat_interval,
             lease_ttl: config.controller.lease_ttl,
             identity: config.identity.clone(),
+            cluster_cidr: config.cluster_cidr,
         },
         stop_tx.subscribe(),
     );
     let api_config = ApiConfig::default();
-    let (routes, stopper) = ApiServer::new(store.clone(), api_config.clone())
-        .add_service(session.server())
-        .into_routes()
-        .await;
+    let (routes, stopper) =
+        ApiServer::with_relays(store.clone(), api_config.clone(), session.relays())
+            .add_service(session.server())
+            .into_routes()
+            .await;
     let tls = config.tls.as_ref().map(TlsFiles::load).transpose()?;
     let mut builder = api::server_builder(&api_config);
     if let Some(tls) = tls {

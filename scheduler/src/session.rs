@@ -56,10 +56,13 @@
 //!
 //! # Relays and network
 //!
-//! Logs and exec relay frames from the agent are accepted and dropped (logged at debug
-//! level): relaying arrives together with the agent's side of it. Likewise the `network`
-//! message that the protocol sends after the assignment set is not sent yet: no node subnet
-//! is allocated so far.
+//! Each session registers its node with the process's [`Relays`] (see [`crate::relay`]) and
+//! hands it every logs/exec frame of its agent, without waiting on any client. A node without a
+//! subnet gets one of the cluster network at registration, in the registration's transaction
+//! ([`crate::network`]); the `welcome` carries it. After the assignment set the session sends
+//! `network` (the node's subnet, and every other node's subnet and address), and again whenever
+//! node records change the peers ([`Cache::membership`]; changes within [`NETWORK_COALESCE`]
+//! go out together).
 //!
 //! # Serving
 //!
@@ -97,7 +100,9 @@ use crate::api::convert;
 use crate::cache::{Cache, View};
 use crate::liveness::LiveKeys;
 use crate::model::{self, InstanceRecord, NodeRecord, RevisionRecord, Timestamp, keys};
+use crate::network::{self, Cidr, ClaimError};
 use crate::placement::Resources;
+use crate::relay::{Frame, NodeRelays, Relays};
 use crate::store::{Compare, Op, Revision, Store, StoreError};
 
 /// How often agents are told to heartbeat unless configured otherwise.
@@ -115,6 +120,9 @@ const STATUS_TXNS_IN_FLIGHT: usize = 4;
 const STATUS_QUEUE: usize = 1024;
 /// Messages queued for one agent before its session waits.
 const OUTBOUND_QUEUE: usize = 16;
+/// Node changes within this window go out in one `network` message: every message lists every
+/// node, so a registration storm must not cost one message per node per session.
+const NETWORK_COALESCE: Duration = Duration::from_secs(1);
 /// Registrations writing to the store at once. A reconnection storm (a replica failing over
 /// thousands of agents) queues here rather than in the store, so that a node's lease is not
 /// granted long before the transaction that uses it, and heartbeats of registered nodes are
@@ -137,6 +145,8 @@ pub struct SessionConfig {
     pub lease_ttl: Duration,
     /// The name of this scheduler replica, recorded in the nodes' liveness keys.
     pub identity: String,
+    /// The cluster network node subnets are cut from.
+    pub cluster_cidr: Cidr,
 }
 
 impl SessionConfig {
@@ -146,8 +156,16 @@ impl SessionConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             lease_ttl: DEFAULT_LEASE_TTL,
             identity: identity.into(),
+            cluster_cidr: default_cluster_cidr(),
         }
     }
+}
+
+/// [`network::DEFAULT_CLUSTER_CIDR`].
+pub fn default_cluster_cidr() -> Cidr {
+    network::DEFAULT_CLUSTER_CIDR
+        .parse()
+        .expect("the default cluster network parses")
 }
 
 /// Why a session ended early. Becomes a `tonic::Status` in exactly one place.
@@ -196,6 +214,18 @@ pub enum SessionError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No node subnet is free.
+    #[error(transparent)]
+    Network(#[from] network::AllocError),
+}
+
+impl From<ClaimError> for SessionError {
+    fn from(err: ClaimError) -> Self {
+        match err {
+            ClaimError::Exhausted(err) => SessionError::Network(err),
+            ClaimError::Store(err) => SessionError::Store(err),
+        }
+    }
 }
 
 impl From<SessionError> for Status {
@@ -213,6 +243,7 @@ impl From<SessionError> for Status {
             SessionError::WrongIdentity { .. } => Status::permission_denied(message),
             SessionError::Store(err) if err.is_retryable() => Status::unavailable(message),
             SessionError::Store(_) => Status::internal(message),
+            SessionError::Network(_) => Status::resource_exhausted(message),
         }
     }
 }
@@ -241,6 +272,7 @@ impl SessionService {
         config: SessionConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let config_identity = config.identity.clone();
         SessionService {
             shared: Arc::new(Shared {
                 store,
@@ -252,8 +284,14 @@ impl SessionService {
                 registrations: Semaphore::new(REGISTRATIONS_IN_FLIGHT),
                 writer: OnceLock::new(),
                 live: OnceLock::new(),
+                relays: Relays::new(config_identity),
             }),
         }
+    }
+
+    /// The relays of the sessions this service serves, for the `Instances` API.
+    pub fn relays(&self) -> Relays {
+        self.shared.relays.clone()
     }
 
     /// The service, ready for `tonic::transport::Server::add_service`.
@@ -303,6 +341,8 @@ struct Shared {
     writer: OnceLock<mpsc::Sender<Vec<StatusWrite>>>,
     /// The live keys of the nodes served here, started by the first session.
     live: OnceLock<LiveKeys>,
+    /// The logs and exec relays of the sessions served here.
+    relays: Relays,
 }
 
 /// One status put, encoded.
@@ -336,6 +376,10 @@ struct NodeState {
     sent: HashMap<String, Sent>,
     /// Statuses this session last queued for writing, by instance id.
     reported: HashMap<String, model::InstanceStatus>,
+    /// This session's logs and exec relays.
+    relays: NodeRelays,
+    /// The network as last sent.
+    network: Option<network::NodeNetwork>,
 }
 
 /// This session's claim on its node within the process. Dropping it releases the claim.
@@ -446,12 +490,16 @@ impl Shared {
             warn!(node = %name, revision = caught_up, "store replica is behind; sending assignments as it is");
         }
 
+        let relays = self.relays.attach(&name, out.clone());
         let mut state = NodeState {
             name,
             session: attachment.id,
             sent: HashMap::new(),
             reported: HashMap::new(),
+            relays,
+            network: None,
         };
+        let mut membership = self.cache.membership();
         self.record_statuses(&mut state, registration.instances)
             .await;
 
@@ -477,6 +525,11 @@ impl Shared {
         if !send(out, ToAgent::Assignments(set)).await {
             return Ok(());
         }
+        membership.mark_unchanged();
+        if !self.send_network(&mut state, out).await {
+            return Ok(());
+        }
+        let mut network_due: Option<tokio::time::Instant> = None;
 
         loop {
             tokio::select! {
@@ -496,6 +549,15 @@ impl Shared {
                     notified.set(notify.notified());
                     notified.as_mut().enable();
                     if !self.send_changes(&mut state, out).await {
+                        return Ok(());
+                    }
+                }
+                Ok(()) = membership.changed(), if network_due.is_none() => {
+                    network_due = Some(tokio::time::Instant::now() + NETWORK_COALESCE);
+                }
+                () = sleep_until(network_due) => {
+                    network_due = None;
+                    if !self.send_network(&mut state, out).await {
                         return Ok(());
                     }
                 }
@@ -555,13 +617,22 @@ impl Shared {
                     }
                 },
             };
-            let record = merge_node(registered, existing.as_ref());
-            let unchanged = existing.as_ref() == Some(&record);
+            let mut record = merge_node(registered, existing.as_ref());
             let mut ops = vec![Op::put_with_lease(keys::live(name), live.clone(), lease)];
+            let mut compare = vec![Compare::mod_revision(key.clone(), expected)];
+            if record.subnet.is_none() {
+                let known = network::Known::of(&self.cache.read());
+                let claim =
+                    network::claim(&*self.store, &known, self.config.cluster_cidr, name).await?;
+                info!(node = %name, subnet = %claim.subnet, "node subnet allocated");
+                record.subnet = Some(claim.subnet.to_string());
+                compare.extend(claim.compares);
+                ops.extend(claim.ops);
+            }
+            let unchanged = existing.as_ref() == Some(&record);
             if !unchanged {
                 ops.push(Op::put(key.clone(), model::encode(&record)));
             }
-            let compare = vec![Compare::mod_revision(key.clone(), expected)];
             let result = match self.store.txn(compare, ops, Vec::new()).await {
                 Err(StoreError::LeaseNotFound { .. }) => {
                     // The replica could not reach the store for a TTL: replace the lease and
@@ -620,9 +691,9 @@ impl Shared {
                 self.record_statuses(state, statuses).await;
             }
             Some(FromAgent::Register(_)) => return Err(SessionError::RegisteredTwice),
-            Some(FromAgent::Logs(_) | FromAgent::ExecOutput(_) | FromAgent::RelayEnd(_)) => {
-                debug!(node = %state.name, "relay frame dropped: relays are not served yet");
-            }
+            Some(FromAgent::Logs(frame)) => state.relays.deliver(Frame::Logs(frame)),
+            Some(FromAgent::ExecOutput(frame)) => state.relays.deliver(Frame::Exec(frame)),
+            Some(FromAgent::RelayEnd(end)) => state.relays.deliver(Frame::End(end)),
             None => debug!(node = %state.name, "empty agent message ignored"),
         }
         Ok(())
@@ -683,6 +754,44 @@ impl Shared {
         })
     }
 
+    /// Sends the node's network (its subnet, the other nodes' routes) when it changed since it
+    /// was last sent; returns false when the agent's stream is gone.
+    async fn send_network(&self, state: &mut NodeState, out: &Outbound) -> bool {
+        let current = {
+            let view = self.cache.read();
+            network::node_network(
+                &state.name,
+                self.config.cluster_cidr,
+                view.nodes.iter().map(|(n, v)| (n, &v.value)),
+            )
+        };
+        if current.is_none() || current == state.network {
+            return true;
+        }
+        state.network.clone_from(&current);
+        let Some(network::NodeNetwork {
+            subnet,
+            cluster,
+            peers,
+        }) = current
+        else {
+            return true;
+        };
+        let config = pb::NetworkConfig {
+            subnet,
+            cluster_cidr: cluster.to_string(),
+            peers: peers
+                .into_iter()
+                .map(|p| pb::PeerRoute {
+                    node: p.node,
+                    subnet: p.subnet,
+                    address: p.address,
+                })
+                .collect(),
+        };
+        send(out, ToAgent::Network(config)).await
+    }
+
     /// Sends what changed in the node's assignments since the last message, if anything;
     /// returns false when the agent's stream is gone.
     async fn send_changes(&self, state: &mut NodeState, out: &Outbound) -> bool {
@@ -703,6 +812,14 @@ impl Shared {
             removals,
         };
         send(out, ToAgent::AssignmentDelta(delta)).await
+    }
+}
+
+/// Sleeps until `at`; forever when there is none.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1007,9 +1124,8 @@ fn resources_from_pb(
     resources
 }
 
-/// An agent's instance status as the store keeps it, with the instance id. The wire's
-/// `last_exit`, `pull` and `image_digest` have no place in the record yet and are dropped;
-/// a missing `observed_at` is `now`.
+/// An agent's instance status as the store keeps it, with the instance id; a missing
+/// `observed_at` is `now`.
 fn status_from_pb(
     status: pb::InstanceStatus,
     now: Timestamp,
@@ -1134,6 +1250,8 @@ pub(crate) mod test_support {
             heartbeat_interval: lease_ttl / 4,
             lease_ttl,
             identity: identity.to_owned(),
+            // Room for the hundreds of simulated nodes some tests register.
+            cluster_cidr: "10.64.0.0/12".parse().expect("a cluster network"),
         }
     }
 
@@ -1333,7 +1451,17 @@ mod tests {
             (agent, welcome, set)
         }
 
+        /// The next message other than `network` (see [`Agent::network`]).
         async fn next(&mut self) -> ToAgent {
+            loop {
+                match self.next_any().await {
+                    ToAgent::Network(_) => continue,
+                    other => return other,
+                }
+            }
+        }
+
+        async fn next_any(&mut self) -> ToAgent {
             tokio::time::timeout(Duration::from_secs(5), self.inbound.message())
                 .await
                 .expect("a message in time")
@@ -1341,6 +1469,15 @@ mod tests {
                 .expect("the stream is open")
                 .message
                 .expect("a message with content")
+        }
+
+        /// The next `network` message, skipping others.
+        async fn network(&mut self) -> pb::NetworkConfig {
+            loop {
+                if let ToAgent::Network(network) = self.next_any().await {
+                    return network;
+                }
+            }
         }
 
         async fn delta(&mut self) -> pb::AssignmentDelta {
@@ -1786,6 +1923,58 @@ mod tests {
         })
         .await;
         scheduler.stop().await;
+    }
+
+    #[tokio::test]
+    async fn nodes_get_distinct_subnets_and_routes_to_each_other() {
+        let store = store().await;
+        // Two replicas on one store, a cluster network of two /24s.
+        let mut small = config("sched-a", TTL);
+        small.cluster_cidr = "10.77.0.0/23".parse().unwrap();
+        let a = Scheduler::start(store.store.clone(), small.clone()).await;
+        small.identity = "sched-b".into();
+        let b = Scheduler::start(store.store.clone(), small).await;
+        let mut r2 = register("n2");
+        r2.address = "10.0.0.2".into();
+        let ((mut n1, w1, _), (mut n2, w2, _)) = tokio::join!(
+            Agent::register(&a.addr, register("n1")),
+            Agent::register(&b.addr, r2),
+        );
+        let s1 = w1.node.unwrap().subnet;
+        let s2 = w2.node.unwrap().subnet;
+        let mut both = [s1.clone(), s2.clone()];
+        both.sort();
+        assert_eq!(both, ["10.77.0.0/24", "10.77.1.0/24"]);
+        // Each is told the other's subnet via its address (once the other is in its view).
+        let peers = |n: &pb::NetworkConfig| {
+            n.peers
+                .iter()
+                .map(|p| (p.node.clone(), p.subnet.clone(), p.address.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut net1 = n1.network().await;
+        while net1.peers.is_empty() {
+            net1 = n1.network().await;
+        }
+        assert_eq!(net1.subnet, s1);
+        assert_eq!(net1.cluster_cidr, "10.77.0.0/23");
+        assert_eq!(peers(&net1), [("n2".into(), s2.clone(), "10.0.0.2".into())]);
+        let mut net2 = n2.network().await;
+        while net2.peers.is_empty() {
+            net2 = n2.network().await;
+        }
+        assert_eq!(peers(&net2), [("n1".into(), s1.clone(), "10.0.0.1".into())]);
+        // A third node finds the cluster network full and is told what to do.
+        let mut n3 = Agent::open(&a.addr, FromAgent::Register(register("n3"))).await;
+        let status = n3.ended().await;
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("--cluster-cidr"), "{status:?}");
+        // A node keeps its subnet across sessions.
+        drop(n1);
+        let (_again, welcome, _) = Agent::register(&b.addr, register("n1")).await;
+        assert_eq!(welcome.node.unwrap().subnet, s1);
+        a.stop().await;
+        b.stop().await;
     }
 
     #[tokio::test]

@@ -292,7 +292,11 @@ async fn errors_name_the_field_and_say_what_to_do() -> Result<()> {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "instance web-1 not found; see `gantry get instances`"
+    );
     api.stop().await
 }
 
@@ -467,6 +471,41 @@ async fn nodes_and_instances_are_served_from_the_store() -> Result<()> {
         .await?
         .into_inner();
     assert_eq!(one.node, "n1");
+
+    // Logs and exec are relayed over node sessions; this server has none.
+    let logs = |id: &str| pb::LogsRequest {
+        instance_id: id.into(),
+        ..Default::default()
+    };
+    let err = instances.logs(logs("web-a1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().starts_with("node n1 is not connected"),
+        "{err:?}"
+    );
+    let live = model::Liveness {
+        scheduler: "sched-b".into(),
+        since: Timestamp(3),
+    };
+    store
+        .put(keys::live("n1").as_bytes(), &model::encode(&live))
+        .await?;
+    let err = instances.logs(logs("web-a1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("sched-b"), "{err:?}");
+    let start = pb::ExecInput {
+        input: Some(pb::exec_input::Input::Start(pb::ExecStart {
+            instance_id: "web-a1".into(),
+            command: vec!["true".into()],
+            ..Default::default()
+        })),
+    };
+    let err = instances
+        .exec(tokio_stream::iter(vec![start]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not running"), "{err:?}");
     api.stop().await
 }
 

@@ -10,14 +10,18 @@
 //! | `rollout.rs` | `scale`, `rollout status|history|undo` |
 //! | `node.rs` | `node ls|cordon|uncordon|drain` |
 //! | `events.rs` | `events [-w]`, and following the Events stream for the others |
-//! | `run.rs` | `run IMAGE [-- CMD ARGS…]` |
+//! | `run.rs` | `run IMAGE [-- CMD ARGS…]` (attached: logs streamed, exit code returned) |
+//! | `logs.rs` | `logs NAME|INSTANCE [-f]`: output relayed from the node |
+//! | `exec.rs` | `exec [-i] [-t] INSTANCE -- CMD…`: a command relayed to the node |
 //! | `up.rs` | `up`, `down`: a local cluster as background processes |
 
 pub mod apply;
 pub mod describe;
 pub mod error;
 pub mod events;
+pub mod exec;
 pub mod get;
+pub mod logs;
 pub mod node;
 pub mod output;
 pub mod rollout;
@@ -76,8 +80,12 @@ pub enum Command {
     Node(node::NodeCommand),
     /// Show the cluster's events (notices), and follow them with -w.
     Events(events::EventsArgs),
-    /// Run an image as a Service.
+    /// Run an image: attached (output streamed, its exit code returned) or as a Service (-d).
     Run(run::RunArgs),
+    /// Show the output of an instance, or of a workload's instances.
+    Logs(logs::LogsArgs),
+    /// Run a command in a running instance.
+    Exec(exec::ExecArgs),
     /// Start a single-machine cluster (scheduler and agent) in the background.
     Up(up::UpArgs),
     /// Stop the cluster `gantry up` started (and its containers, unless --keep).
@@ -148,6 +156,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(command) => node::node(&mut ctx, command).await,
         Command::Events(args) => events::events(&mut ctx, args).await,
         Command::Run(args) => run::run(&mut ctx, args).await,
+        Command::Logs(args) => logs::logs(&mut ctx, args).await,
+        Command::Exec(args) => exec::exec(&mut ctx, args).await,
         Command::Up(args) => up::up(&mut ctx, args).await,
         Command::Down(args) => up::down(&mut ctx, args).await,
     }

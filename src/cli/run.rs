@@ -1,19 +1,31 @@
-//! `gantry run IMAGE [-- CMD ARGS…]`: a Service made from flags, docker-style. With `-d` it is
-//! created and the command returns; the attached mode (output streamed, the container's exit
-//! code returned) needs log streaming, which the scheduler does not serve yet.
+//! `gantry run IMAGE [-- CMD ARGS…]`: a workload made from flags, docker-style. With `-d` it is
+//! a Service, created, and the command returns. Attached (without `-d`) it is a one-off Job
+//! (one instance, restart never, no retry): the command waits for it to start, streams its
+//! output (stdout to stdout, stderr to stderr), waits for it to end and exits with its exit
+//! code; `--rm` deletes the workload afterwards, also after Ctrl-C. Attached runs take no
+//! input (`-i`/`-t` are not offered; use `gantry exec` on a running instance).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
+use std::time::Duration;
+
 use anyhow::bail;
 use clap::Args;
+use gantry::client::Client;
 use gantry::pb;
 use gantry::quantity::{Bytes, Cpu};
 use gantry::workload::{Kind, Port, Protocol, RestartPolicy, Workload};
 use tonic::Code;
 
 use super::error::{self, UsageError};
+use super::logs::{self, Show};
 use super::{Ctx, print};
+
+/// How often an attached run looks at its instance while waiting.
+const POLL: Duration = Duration::from_millis(200);
+/// Exit code of an attached run interrupted with Ctrl-C (128 + SIGINT).
+const EXIT_INTERRUPTED: i32 = 130;
 
 /// `gantry run`.
 #[derive(Args, Debug)]
@@ -52,9 +64,12 @@ pub struct RunArgs {
     /// Label `K=V` of the workload and its instances. Repeatable.
     #[arg(short = 'l', long = "label", value_name = "K=V")]
     pub labels: Vec<String>,
-    /// Create the workload and return (the attached mode is not supported yet).
+    /// Create the workload (a Service) and return, instead of running attached.
     #[arg(short = 'd', long)]
     pub detach: bool,
+    /// Attached: delete the workload once it ended (also after Ctrl-C).
+    #[arg(long, conflicts_with = "detach")]
+    pub rm: bool,
 }
 
 /// A workload name from an image reference: its last path segment without tag or digest,
@@ -184,16 +199,19 @@ pub fn workload_from(args: &RunArgs) -> anyhow::Result<Workload> {
 
 /// `gantry run`.
 pub async fn run(ctx: &mut Ctx, args: RunArgs) -> anyhow::Result<()> {
+    if !args.detach {
+        return attached(ctx, args).await;
+    }
     let workload = workload_from(&args)?;
     let name = workload.name.clone();
-    if !args.detach {
-        bail!(
-            "running attached (output streamed, exiting with the container's code) is not supported yet: \
-             it needs log streaming, which the scheduler does not serve yet; run it in the background \
-             with `gantry run -d …` and follow it with `gantry get instances --workload {name} -w`"
-        );
-    }
     let client = ctx.client().await?;
+    create(&client, workload).await?;
+    print(&format!("workload/{name} created\n"))
+}
+
+/// Creates `workload`, refusing to change an existing one.
+async fn create(client: &Client, workload: Workload) -> anyhow::Result<()> {
+    let name = workload.name.clone();
     let request = pb::ApplyWorkloadRequest {
         spec: Some(pb::WorkloadSpec::from(workload)),
         dry_run: false,
@@ -201,13 +219,161 @@ pub async fn run(ctx: &mut Ctx, args: RunArgs) -> anyhow::Result<()> {
         expected_revision: Some(0),
     };
     match client.workloads().apply(client.request(request)).await {
-        Ok(_) => print(&format!("workload/{name} created\n")),
+        Ok(_) => Ok(()),
         Err(status) if status.code() == Code::FailedPrecondition => bail!(
             "workload {name} already exists; choose another --name, change it with `gantry apply`, \
              or remove it with `gantry delete workload {name}`"
         ),
         Err(status) => Err(error::api(status, client.address())),
     }
+}
+
+/// The one-off Job of an attached run.
+pub fn attached_workload(args: &RunArgs) -> anyhow::Result<Workload> {
+    if args.replicas.is_some() {
+        return Err(usage(
+            "--replicas needs -d: an attached run has one instance".into(),
+        ));
+    }
+    if let Some(restart) = args.restart.as_deref()
+        && !matches!(restart, "never" | "no")
+    {
+        return Err(usage(format!(
+            "--restart {restart} needs -d: an attached run is never restarted"
+        )));
+    }
+    let mut w = workload_from(args)?;
+    w.kind = Kind::Job;
+    w.replicas = None;
+    w.completions = Some(1);
+    w.parallelism = Some(1);
+    w.backoff_limit = Some(0);
+    w.restart.policy = Some(RestartPolicy::Never);
+    if let Err(errors) = w.validate() {
+        let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+        bail!(
+            "the flags make an invalid workload; nothing was sent to the scheduler:\n  {}",
+            lines.join("\n  ")
+        );
+    }
+    Ok(w)
+}
+
+/// `gantry run` without `-d`: exits with the container's exit code.
+async fn attached(ctx: &mut Ctx, args: RunArgs) -> anyhow::Result<()> {
+    let workload = attached_workload(&args)?;
+    let name = workload.name.clone();
+    let client = ctx.client().await?;
+    create(&client, workload).await?;
+    let outcome = tokio::select! {
+        outcome = follow(&client, &name) => outcome,
+        _ = tokio::signal::ctrl_c() => Ok(EXIT_INTERRUPTED),
+    };
+    if args.rm {
+        let request = pb::DeleteWorkloadRequest {
+            name: name.clone(),
+            expected_revision: None,
+        };
+        if let Err(status) = client.workloads().delete(client.request(request)).await
+            && status.code() != Code::NotFound
+        {
+            let err = error::api(status, client.address());
+            eprintln!("error: removing workload {name}: {err:#}");
+        }
+    }
+    let code = outcome?;
+    std::process::exit(code);
+}
+
+/// Waits for the run's instance to start, streams its output until it stops, and returns its
+/// exit code.
+async fn follow(client: &Client, name: &str) -> anyhow::Result<i32> {
+    let mut told_pending = false;
+    let instance = loop {
+        let list = client
+            .instances()
+            .list(client.request(pb::ListInstancesRequest {
+                workload: name.into(),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|status| error::api(status, client.address()))?
+            .into_inner();
+        if let Some(instance) = list.instances.into_iter().next() {
+            let state = instance_state(&instance);
+            if state == pb::InstanceState::Failed {
+                bail!("{}", failed(&instance));
+            }
+            if matches!(
+                state,
+                pb::InstanceState::Running
+                    | pb::InstanceState::Ready
+                    | pb::InstanceState::Exited
+                    | pb::InstanceState::OomKilled
+            ) {
+                break instance;
+            }
+            if !told_pending && !instance.placement_failures.is_empty() {
+                told_pending = true;
+                eprintln!(
+                    "waiting for a node for {}: {}",
+                    instance.id,
+                    instance.placement_failures.join("; ")
+                );
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let request = pb::LogsRequest {
+        instance_id: instance.id.clone(),
+        tail_lines: None,
+        follow: true,
+        since: None,
+        stream: pb::LogStream::Unspecified as i32,
+        previous: false,
+    };
+    let show = Show {
+        prefix: None,
+        timestamps: false,
+    };
+    logs::stream(client.clone(), request, show).await?;
+    loop {
+        let instance = client
+            .instances()
+            .get(client.request(pb::GetInstanceRequest {
+                id: instance.id.clone(),
+            }))
+            .await
+            .map_err(|status| error::api(status, client.address()))?
+            .into_inner();
+        match instance_state(&instance) {
+            pb::InstanceState::Exited | pb::InstanceState::OomKilled => {
+                let code = instance.status.and_then(|s| s.exit_code);
+                return Ok(code.unwrap_or(i32::from(error::EXIT_ERROR)));
+            }
+            pb::InstanceState::Failed => bail!("{}", failed(&instance)),
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+fn instance_state(instance: &pb::Instance) -> pb::InstanceState {
+    instance
+        .status
+        .as_ref()
+        .map_or(pb::InstanceState::Pending, |s| s.state())
+}
+
+fn failed(instance: &pb::Instance) -> String {
+    let (reason, message) = instance
+        .status
+        .as_ref()
+        .map(|s| (s.reason.as_str(), s.message.as_str()))
+        .unwrap_or_default();
+    format!(
+        "instance {} could not run: {reason}: {message}; see `gantry describe instance {}`",
+        instance.id, instance.id
+    )
 }
 
 #[cfg(test)]
@@ -289,6 +455,26 @@ mod tests {
         assert_eq!(w.resources.pids, Some(100));
         assert_eq!(w.restart.policy, Some(RestartPolicy::OnFailure));
         assert_eq!(w.replicas, Some(2));
+    }
+
+    #[test]
+    fn attached_runs_are_one_off_jobs() {
+        let w = attached_workload(&args(&["--rm", "busybox", "--", "sh", "-c", "exit 3"])).unwrap();
+        assert_eq!(w.kind, Kind::Job);
+        assert_eq!(
+            (w.completions, w.parallelism, w.backoff_limit),
+            (Some(1), Some(1), Some(0))
+        );
+        assert_eq!(w.restart.policy, Some(RestartPolicy::Never));
+        assert_eq!(w.args, ["sh", "-c", "exit 3"]);
+        for flags in [&["--replicas", "2"][..], &["--restart", "on-failure"]] {
+            let mut line = flags.to_vec();
+            line.push("busybox");
+            let err = attached_workload(&args(&line)).unwrap_err();
+            assert_eq!(error::exit_code(&err), error::EXIT_USAGE, "{err}");
+            assert!(err.to_string().contains("needs -d"), "{err}");
+        }
+        assert!(attached_workload(&args(&["--restart", "never", "busybox"])).is_ok());
     }
 
     #[test]

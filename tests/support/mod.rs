@@ -94,6 +94,17 @@ pub struct Cluster {
     etcd: Option<etcd::EtcdServer>,
 }
 
+/// A cluster network of its own for each cluster of the test process (10.160.0.0/16,
+/// 10.161.0.0/16, …): tests running at once start real agents on one machine, whose containers
+/// share its bridge, so their node subnets must not overlap.
+fn next_cluster_cidr() -> gantry_scheduler::network::Cidr {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 64;
+    format!("10.{}.0.0/16", 160 + n)
+        .parse()
+        .expect("a cluster network")
+}
+
 impl Cluster {
     /// A scheduler with `nodes` default simulated nodes (4 cores, 8 GiB), all Ready.
     pub fn start(nodes: usize) -> Self {
@@ -102,16 +113,27 @@ impl Cluster {
 
     /// A scheduler with `nodes` simulated nodes built by `agent(name)`, all Ready.
     pub fn start_with(nodes: usize, agent: impl Fn(String) -> SimConfig) -> Self {
-        Self::start_on(nodes, agent, false)
+        Self::start_on(nodes, agent, false, "127.0.0.1:0")
+    }
+
+    /// A scheduler without simulated nodes listening on `listen` (`IP:0`), for real agents
+    /// reaching it from network namespaces the test made.
+    pub fn start_listening(listen: &str) -> Self {
+        Self::start_on(0, SimConfig::new, false, listen)
     }
 
     /// A scheduler on a real etcd (started here, on loopback) with `nodes` default simulated
     /// nodes. `None` where etcd is missing and the test may skip (never under `CI=true`).
     pub fn start_on_etcd(nodes: usize) -> Option<Self> {
-        etcd::etcd_available().then(|| Self::start_on(nodes, SimConfig::new, true))
+        etcd::etcd_available().then(|| Self::start_on(nodes, SimConfig::new, true, "127.0.0.1:0"))
     }
 
-    fn start_on(nodes: usize, agent: impl Fn(String) -> SimConfig, on_etcd: bool) -> Self {
+    fn start_on(
+        nodes: usize,
+        agent: impl Fn(String) -> SimConfig,
+        on_etcd: bool,
+        listen: &str,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -131,7 +153,8 @@ impl Cluster {
                     .expect("embedded store");
                 (Arc::new(store), None)
             };
-            let config = Config::new("127.0.0.1:0".parse().expect("addr"), data.clone());
+            let mut config = Config::new(listen.parse().expect("addr"), data.clone());
+            config.cluster_cidr = next_cluster_cidr();
             let (bound_tx, bound_rx) = oneshot::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let server = tokio::spawn(run_with_store(

@@ -128,6 +128,11 @@ impl Agent {
     }
 
     pub fn start(scheduler: &str, data: &Path) -> Agent {
+        Self::start_with(scheduler, data, &[])
+    }
+
+    /// [`Agent::start`] with more flags for `gantry-agent run`.
+    pub fn start_with(scheduler: &str, data: &Path, flags: &[&str]) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -137,6 +142,9 @@ impl Agent {
             .args(["run", "--name", "node-a", "--scheduler", scheduler])
             .arg("--data-dir")
             .arg(data)
+            .arg("--cni-bridge")
+            .arg(bridge_of(data))
+            .args(flags)
             .env("RUST_LOG", "info,gantry_agent=debug")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -177,7 +185,9 @@ impl Agent {
 
 impl Drop for Agent {
     /// Kills the agent; a test that failed half-way also removes the containers it left (they
-    /// outlive the agent by design), so that no process or cgroup survives the test.
+    /// outlive the agent by design), so that no process or cgroup survives the test. Network
+    /// attachments of containers that no longer run are detached, and with no container left
+    /// the agent's bridge goes too.
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
@@ -192,7 +202,27 @@ impl Drop for Agent {
                     .status();
             }
         }
+        // What the agent would detach at its next start (containers that no longer run).
+        let _ = Command::new(Self::binary())
+            .args(["network", "cleanup", "--data-dir"])
+            .arg(&self.data)
+            .stderr(Stdio::null())
+            .status();
+        if self.containers().is_empty() {
+            let _ = Command::new("ip")
+                .args(["link", "del", &bridge_of(&self.data)])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// The bridge of the agent with data dir `data`: one per agent, since agents of tests running
+/// at once share the machine's network namespace and a bridge carries one node subnet; the same
+/// across restarts of that agent.
+pub fn bridge_of(data: &Path) -> String {
+    let digest = Sha256::digest(data.as_os_str().as_encoded_bytes());
+    format!("gt{}", &hex::encode(digest)[..10])
 }
 
 /// Instances of `workload` as `gantry get instances -o json` shows them.

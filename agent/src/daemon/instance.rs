@@ -17,6 +17,7 @@ use super::probe::{self, Action, ContainerCheck, Kind, Probes, Timing, Tracker, 
 use super::reconcile::{AfterExit, Assigned, Ended, after_exit};
 use super::status::{self, Event, LastExit, State, Status};
 use crate::image::{ImageRef, ImageStore, ProgressSink, PullDecision, PullOptions, PullPolicy};
+use crate::image::{PullTotals, pull::follow};
 use crate::runtime::spec::{NetworkMode, ProcessSpec, Resources};
 use crate::runtime::{
     BuiltinRuntime, ContainerInfo, ContainerSpec, ContainerState, ExitStatus, Runtime, RuntimeError,
@@ -32,6 +33,8 @@ pub const LABEL_GENERATION: &str = "gantry.generation";
 pub const REASON_LIVENESS: &str = "LivenessProbeFailed";
 /// Reason of a running instance whose readiness probe fails.
 pub const REASON_READINESS: &str = "ReadinessProbeFailed";
+/// How often a pull's progress is reported at most.
+const PULL_REPORT_EVERY: Duration = Duration::from_millis(500);
 
 /// What every worker shares.
 pub struct Env {
@@ -45,6 +48,10 @@ pub struct Env {
     pub status_dir: PathBuf,
     /// Where statuses go to the session.
     pub reports: mpsc::UnboundedSender<Status>,
+    /// Container networking.
+    pub net: Arc<super::net::Net>,
+    /// The agent's metrics and health.
+    pub metrics: Arc<super::metrics::Metrics>,
 }
 
 /// The handle of a running worker.
@@ -340,6 +347,27 @@ impl Task {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("preparing the root filesystem: {e}"))?;
+        // Bridge instances get a namespace on the node network (CNI), named in /etc/hosts.
+        let (network, hostname, hosts) = match spec.network {
+            Network::Host => (NetworkMode::Host, None, Default::default()),
+            Network::None => (NetworkMode::None, None, Default::default()),
+            Network::Bridge => match self.env.net.attach(&self.id, &spec.ports).await {
+                Ok(attached) => {
+                    self.status.ip = attached.ip.addr().to_string();
+                    let hostname = super::net::hostname(&self.id);
+                    let hosts = super::net::hosts(&hostname, &attached);
+                    (
+                        NetworkMode::Path(attached.netns_path),
+                        Some(hostname),
+                        hosts,
+                    )
+                }
+                Err(err) => {
+                    release_rootfs(&self.env.images, &self.id).await;
+                    return Err(format!("network: {err}"));
+                }
+            },
+        };
         let container = ContainerSpec {
             id: self.id.clone(),
             rootfs,
@@ -350,7 +378,7 @@ impl Task {
                 cwd: Some(merged.cwd),
                 user: merged.user.unwrap_or_default(),
             },
-            hostname: None,
+            hostname,
             resources: Resources {
                 cpu_millis: spec.resources.cpu.map(|c| c.millis()),
                 memory_bytes: spec.resources.memory.map(|m| m.get()),
@@ -358,13 +386,8 @@ impl Task {
                 cpuset: None,
             },
             mounts: Vec::new(),
-            // Bridge networking (CNI) is not wired into the agent yet: such instances get a
-            // network namespace of their own with loopback only.
-            network: match spec.network {
-                Network::Host => NetworkMode::Host,
-                Network::Bridge | Network::None => NetworkMode::None,
-            },
-            hosts: Default::default(),
+            network,
+            hosts,
             privileged: false,
             cap_add: Vec::new(),
             cap_drop: Vec::new(),
@@ -378,17 +401,19 @@ impl Task {
             ]
             .into(),
         };
-        let own_netns = container.network != NetworkMode::Host;
+        let bare_netns = container.network == NetworkMode::None;
         let created = match self.env.runtime.create(container).await {
             Ok(created) => created,
             Err(err) => {
+                self.env.net.detach(&self.id).await;
+                self.status.ip.clear();
                 release_rootfs(&self.env.images, &self.id).await;
                 return Err(err.to_string());
             }
         };
-        if own_netns && let ContainerState::Created { pid } = created.state {
-            // Until bridge networking is wired, nothing else sets up the namespace, and a new
-            // one has its loopback down: probes (and the workload) could not use 127.0.0.1.
+        if bare_netns && let ContainerState::Created { pid } = created.state {
+            // Nothing else sets up a `none` namespace, and a new one has its loopback down:
+            // probes (and the workload) could not use 127.0.0.1.
             if let Err(err) = loopback_up(pid).await {
                 warn!(instance = %self.id, %err, "setting the loopback interface up failed");
             }
@@ -425,12 +450,18 @@ impl Task {
             }
             (PullDecision::Pull, present) => {
                 self.set(Event::Pull, "", &format!("pulling {canonical}"));
-                match self
-                    .env
-                    .images
-                    .pull(&reference, &self.env.pull, ProgressSink::none())
-                    .await
-                {
+                // Progress shows in the status (Pulling, bytes done/total), twice a second at most.
+                let env = self.env.clone();
+                let (sink, progress) = ProgressSink::channel();
+                let mut downloaded = 0;
+                let pull = env.images.pull(&reference, &env.pull, sink);
+                let pulled = follow(pull, progress.clone(), PULL_REPORT_EVERY, |totals| {
+                    downloaded = self.pull_progress(totals, downloaded);
+                })
+                .await;
+                // The final numbers stay in the status (the wire contract keeps them).
+                self.pull_progress(progress.borrow().totals(), downloaded);
+                match pulled {
                     Ok(image) => image,
                     // A pull of `latest` that fails falls back to the local copy, as
                     // Docker's `run` does when it has one.
@@ -449,6 +480,22 @@ impl Task {
         };
         self.status.image_digest = image.digest.clone();
         Ok(image)
+    }
+
+    /// Shows pull progress in the status and counts the bytes downloaded since `counted`;
+    /// returns the bytes counted so far.
+    fn pull_progress(&mut self, totals: PullTotals, counted: u64) -> u64 {
+        self.env
+            .metrics
+            .add_pull_bytes(totals.downloaded.saturating_sub(counted));
+        self.status.pull = Some(status::Pull {
+            bytes_done: totals.bytes_done,
+            bytes_total: totals.bytes_total,
+            layers_done: totals.layers_done,
+            layers_total: totals.layers_total,
+        });
+        self.report();
+        totals.downloaded.max(counted)
     }
 
     /// Handles the end of a run: restarts it after the backoff, or settles. `killed` is the
@@ -524,6 +571,8 @@ impl Task {
         if let Err(err) = self.env.runtime.delete(&self.id).await {
             debug!(instance = %self.id, %err, "removing the ended container");
         }
+        self.env.net.detach(&self.id).await;
+        self.status.ip.clear();
         release_rootfs(&self.env.images, &self.id).await;
         self.status.last_exit = Some(LastExit {
             code: exit.code,
@@ -533,6 +582,7 @@ impl Task {
             finished_at: Some(exit.finished_at),
         });
         self.status.restart_count += 1;
+        self.env.metrics.add_restart(&self.status.workload);
         self.status.failures = failures;
         Next::Again
     }
@@ -647,6 +697,8 @@ async fn remove(env: &Env, id: &str, signal: &str, grace: Duration) {
             {
                 warn!(instance = %id, %err, "stopping the container failed");
             }
+            // Before the container goes, so that a container gone means its network is too.
+            env.net.detach(id).await;
             if let Err(err) = env.runtime.delete(id).await {
                 warn!(instance = %id, %err, "removing the container failed");
             }
@@ -654,6 +706,7 @@ async fn remove(env: &Env, id: &str, signal: &str, grace: Duration) {
         Err(RuntimeError::NotFound(_)) => {}
         Err(err) => warn!(instance = %id, %err, "reading the container failed"),
     }
+    env.net.detach(id).await;
     release_rootfs(&env.images, id).await;
     status::remove(&env.status_dir, id);
     debug!(instance = %id, "container, rootfs and status removed");

@@ -11,9 +11,13 @@
 //! Containers whose instance is no longer assigned are removed only once the first assignment
 //! set has arrived.
 
+pub mod image_gc;
 pub mod instance;
+pub mod metrics;
+pub mod net;
 pub mod probe;
 pub mod reconcile;
+pub mod relay;
 pub mod session;
 pub mod status;
 
@@ -58,6 +62,14 @@ pub struct Config {
     pub pull: PullOptions,
     /// Periodic reconcile interval.
     pub resync: Duration,
+    /// Container networking (conflist, plugins, fallback subnet).
+    pub network: net::NetConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen (none when `None`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Image garbage collection thresholds.
+    pub image_gc: crate::image::gc::GcPolicy,
+    /// How often image garbage collection looks at the disk.
+    pub image_gc_interval: Duration,
 }
 
 /// Runs the agent until `shutdown` turns true. Containers keep running afterwards.
@@ -74,6 +86,19 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
 
     let restored = restore(&runtime, &status_dir).await;
     release_orphan_rootfs(&runtime, &images).await;
+    let (network_tx, network_rx) = watch::channel(None);
+    let net = net::Net::open(
+        config.network.clone(),
+        &config.data_dir,
+        &config.address,
+        network_rx,
+    )
+    .await;
+    if let Some(running) = running_containers(&runtime).await {
+        net.cleanup(&running).await;
+    }
+    let net = Arc::new(net);
+    let net_task = tokio::spawn(net.clone().run());
     info!(node = %config.name, instances = restored.len(), "agent starting");
     let register = registration(&config);
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
@@ -84,14 +109,31 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
         pull: config.pull.clone(),
         status_dir,
         reports: reports_tx,
+        net,
+        metrics: Arc::new(metrics::Metrics::new()),
     });
+    let metrics_task = config.metrics_listen.map(|addr| {
+        let router = metrics::router(env.clone());
+        tokio::spawn(metrics::serve(addr, router, shutdown.clone()))
+    });
+    let gc_wake = Arc::new(tokio::sync::Notify::new());
+    let gc_task = tokio::spawn(image_gc::run(
+        env.clone(),
+        config.image_gc,
+        config.image_gc_interval,
+        desired_rx.clone(),
+        gc_wake.clone(),
+        shutdown.clone(),
+    ));
     let session = tokio::spawn(session::run(
         config.dial.clone(),
         register,
         restored.clone(),
         desired_tx,
+        network_tx,
         reports_rx,
         shutdown.clone(),
+        relay::Relays::new(env.clone()),
     ));
 
     let mut restored: HashMap<String, Status> =
@@ -100,6 +142,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
     let retiring: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut resync = tokio::time::interval(config.resync);
     let mut shutdown = shutdown;
+    env.metrics.set_looping(true);
     loop {
         tokio::select! {
             () = session::stopped(&mut shutdown) => break,
@@ -109,6 +152,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
         let Some(desired) = desired_rx.borrow_and_update().clone() else {
             continue;
         };
+        env.metrics.set_assigned();
         let started = std::time::Instant::now();
         workers.retain(|_, w| !w.finished());
         let held: BTreeMap<String, Assigned> = workers
@@ -149,12 +193,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
                     let worker = workers.remove(&id);
                     let env = env.clone();
                     let retiring = retiring.clone();
+                    let gc_wake = gc_wake.clone();
                     tokio::spawn(async move {
                         match worker {
                             Some(worker) => worker.retire().await,
                             None => instance::remove_orphan(&env, &id).await,
                         }
                         retiring.lock().expect("retiring lock").remove(&id);
+                        // The image may be unused now.
+                        gc_wake.notify_one();
                     });
                 }
             }
@@ -167,11 +214,37 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
             }
             keep
         });
+        env.metrics.observe_reconcile(started.elapsed());
         tracing::debug!(revision = desired.revision, elapsed = ?started.elapsed(), "reconciled");
     }
+    env.metrics.set_looping(false);
     info!("agent stopping; containers keep running");
+    gc_task.abort();
+    if let Some(task) = metrics_task {
+        // The endpoint stops with the shutdown signal; a reconcile loop that ended otherwise
+        // (the session gone) takes it down too.
+        task.abort();
+    }
     session.abort();
+    net_task.abort();
     Ok(())
+}
+
+/// Ids of the containers that are created or running, whose network attachments are kept;
+/// `None` when they cannot be listed (then nothing is detached).
+async fn running_containers(runtime: &BuiltinRuntime) -> Option<HashSet<String>> {
+    match runtime.list().await {
+        Ok(list) => Some(
+            list.into_iter()
+                .filter(|c| !matches!(c.state, ContainerState::Stopped(_)))
+                .map(|c| c.id)
+                .collect(),
+        ),
+        Err(err) => {
+            warn!(%err, "listing containers failed; network attachments not checked");
+            None
+        }
+    }
 }
 
 /// The statuses kept on disk, brought up to date with the runtime: a container that ended

@@ -19,7 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
+use super::net::NodeNetwork;
 use super::reconcile::Assigned;
+use super::relay::{self, Relays};
 use super::status::Status;
 
 /// First reconnection delay.
@@ -50,21 +52,28 @@ pub struct Dial {
 }
 
 /// Runs the session until `shutdown`: publishes the desired set to `desired` (starting from
-/// the first set received after registration; `None` until then) and sends what arrives on
-/// `reports`. `register` is the registration, without instances; `restored` are the statuses
-/// found on the machine.
+/// the first set received after registration; `None` until then), publishes what the scheduler
+/// says about the node's network to `network` (from the `welcome`, before the first set), and
+/// sends what arrives on `reports`. `register` is the registration, without instances; `restored` are the statuses
+/// found on the machine. `relays` serves the logs and exec relays the scheduler opens.
+// Each argument is one channel of the daemon's wiring; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     dial: Dial,
     register: pb::Register,
     restored: Vec<Status>,
     desired: watch::Sender<Option<Desired>>,
+    network: watch::Sender<Option<NodeNetwork>>,
     mut reports: mpsc::UnboundedReceiver<Status>,
     mut shutdown: watch::Receiver<bool>,
+    relays: Relays,
 ) {
     let mut session = Session {
+        relays,
         register,
         latest: restored.into_iter().map(|s| (s.id.clone(), s)).collect(),
         desired,
+        network,
         applied: 0,
         rng: seed(),
     };
@@ -144,10 +153,13 @@ fn seed() -> u64 {
 }
 
 struct Session {
+    /// Serves the logs and exec relays of each session.
+    relays: Relays,
     register: pb::Register,
     /// The latest status of every instance, sent again in full at each registration.
     latest: BTreeMap<String, Status>,
     desired: watch::Sender<Option<Desired>>,
+    network: watch::Sender<Option<NodeNetwork>>,
     applied: i64,
     rng: u64,
 }
@@ -185,9 +197,18 @@ impl Session {
         let _ = tx.try_send(message(ToScheduler::Register(register)));
         let mut client =
             NodeSessionClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        // Relay frames have a queue of their own, sent only when the session's own messages
+        // (heartbeats, status reports) are not waiting.
+        let (relay_tx, relay_rx) = mpsc::channel(relay::OUTBOUND_QUEUE);
+        let mut relays = self.relays.session(relay_tx);
+        let outbound = futures_util::stream::select_with_strategy(
+            ReceiverStream::new(rx),
+            ReceiverStream::new(relay_rx),
+            |_: &mut ()| futures_util::stream::PollNext::Left,
+        );
         let response = tokio::select! {
             () = stopped(shutdown) => return None,
-            response = client.session(ReceiverStream::new(rx)) => response,
+            response = client.session(outbound) => response,
         };
         let mut inbound = match response {
             Ok(response) => response.into_inner(),
@@ -217,7 +238,13 @@ impl Session {
                             heartbeat = Some(interval);
                             info!(%address, scheduler = %welcome.scheduler, "registered with the scheduler");
                         }
-                        self.receive(received);
+                        match received {
+                            FromScheduler::Logs(_)
+                            | FromScheduler::ExecStart(_)
+                            | FromScheduler::ExecInput(_)
+                            | FromScheduler::RelayCancel(_) => relays.handle(received),
+                            received => self.receive(received),
+                        }
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => {
@@ -264,7 +291,14 @@ impl Session {
 
     fn receive(&mut self, received: FromScheduler) {
         match received {
-            FromScheduler::Welcome(_) => {}
+            FromScheduler::Welcome(welcome) => {
+                // The subnet arrives before the first assignment set, so no worker attaches an
+                // instance to the fallback network of a node that has a subnet of its own.
+                let subnet = NodeNetwork::from_welcome(welcome.node.as_ref()).subnet;
+                self.network.send_modify(|network| {
+                    network.get_or_insert_with(NodeNetwork::default).subnet = subnet;
+                });
+            }
             FromScheduler::Assignments(set) => {
                 if set.revision < self.applied {
                     debug!(
@@ -314,12 +348,15 @@ impl Session {
                     }
                 });
             }
-            FromScheduler::Network(_) => {}
+            FromScheduler::Network(config) => {
+                self.network
+                    .send_replace(Some(NodeNetwork::from_pb(config)));
+            }
             FromScheduler::Logs(_)
             | FromScheduler::ExecStart(_)
             | FromScheduler::ExecInput(_)
             | FromScheduler::RelayCancel(_) => {
-                debug!("relay requests are not served by this agent yet");
+                // Handled by the session's relays before `receive`.
             }
         }
     }

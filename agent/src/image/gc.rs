@@ -5,12 +5,14 @@
 //! When usage reaches the high-water mark (85%), unused images are deleted, least recently
 //! used first, until the freed bytes would bring usage down to the low-water mark (80%). An
 //! image the store got less than `min_age` (2 minutes) ago is never picked, so a pull is not
-//! undone before its container starts; an image a container holds is never picked.
+//! undone before its container starts; an image a container holds is never picked, nor one
+//! that an instance assigned to the node names (see [`in_use`]).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+use super::reference::ImageRef;
 use super::store::{ImageStore, PruneReport, now};
 use super::{Image, ImageError};
 
@@ -87,7 +89,8 @@ impl From<&Image> for Candidate {
     }
 }
 
-/// The images to delete, in deletion order: empty below the high-water mark.
+/// The images to delete, in deletion order: empty below the high-water mark, and always when
+/// the high-water mark is 100% (collection turned off, as with the kubelet).
 pub fn select(
     policy: &GcPolicy,
     disk: DiskUsage,
@@ -95,7 +98,10 @@ pub fn select(
     held: &BTreeSet<String>,
     now: u64,
 ) -> Vec<String> {
-    if disk.capacity == 0 || disk.used_percent() < u64::from(policy.high_percent) {
+    if disk.capacity == 0
+        || policy.high_percent >= 100
+        || disk.used_percent() < u64::from(policy.high_percent)
+    {
         return Vec::new();
     }
     let used = disk.capacity - disk.available.min(disk.capacity);
@@ -124,23 +130,78 @@ pub fn select(
     out
 }
 
+/// The manifest digests of the images the collector must keep: every image a container holds
+/// (its root filesystem is mounted from the image's layers), and every image that an assigned
+/// instance's reference names (`assigned`, as written in the workloads). The second set covers
+/// what holds cannot: an instance between two runs (its old container and rootfs removed, the
+/// next not mounted yet) and one whose worker resolved its image but has not mounted it, whose
+/// image, once collected, could not come back if it was imported rather than pulled.
+///
+/// A reference names an image when it is one of the image's references once normalised, or
+/// when its digest is the image's manifest or index digest. Unparseable references name
+/// nothing (their instances cannot start anyway).
+pub fn in_use(
+    images: &[Image],
+    holds: &[(String, String)],
+    assigned: &[String],
+) -> BTreeSet<String> {
+    let mut keep: BTreeSet<String> = holds.iter().map(|(_, image)| image.clone()).collect();
+    for reference in assigned {
+        let Ok(parsed) = ImageRef::parse(reference) else {
+            continue;
+        };
+        let canonical = parsed.to_string();
+        for image in images {
+            let by_digest = parsed
+                .digest
+                .as_ref()
+                .is_some_and(|d| *d == image.digest || image.index_digest.as_ref() == Some(d));
+            if by_digest || image.references.contains(&canonical) {
+                keep.insert(image.digest.clone());
+            }
+        }
+    }
+    keep
+}
+
 impl ImageStore {
-    /// Measures the store's filesystem and removes the images the policy picks. Blocking.
-    pub fn collect_garbage(&self, policy: &GcPolicy) -> Result<PruneReport, ImageError> {
+    /// Measures the store's filesystem and removes the images the policy picks, keeping those
+    /// containers hold and those the references in `assigned` name ([`in_use`]). Blocking.
+    pub fn collect_garbage(
+        &self,
+        policy: &GcPolicy,
+        assigned: &[String],
+    ) -> Result<PruneReport, ImageError> {
         let disk = DiskUsage::of(self.root()).map_err(ImageError::io("statvfs", self.root()))?;
-        self.collect_garbage_with(policy, disk)
+        self.collect_garbage_keeping(policy, disk, assigned)
     }
 
-    /// [`ImageStore::collect_garbage`] with a given disk usage (for callers that measure it
-    /// themselves, and tests).
+    /// [`ImageStore::collect_garbage`] with a given disk usage and no assigned references (for
+    /// callers that measure the disk themselves, and tests).
     pub fn collect_garbage_with(
         &self,
         policy: &GcPolicy,
         disk: DiskUsage,
     ) -> Result<PruneReport, ImageError> {
+        self.collect_garbage_keeping(policy, disk, &[])
+    }
+
+    fn collect_garbage_keeping(
+        &self,
+        policy: &GcPolicy,
+        disk: DiskUsage,
+        assigned: &[String],
+    ) -> Result<PruneReport, ImageError> {
+        if disk.capacity == 0
+            || policy.high_percent >= 100
+            || disk.used_percent() < u64::from(policy.high_percent)
+        {
+            // Nothing to do: skip reading the index.
+            return Ok(PruneReport::default());
+        }
         let images = self.list()?;
         let candidates: Vec<Candidate> = images.iter().map(Candidate::from).collect();
-        let held: BTreeSet<String> = self.holds().into_iter().map(|(_, image)| image).collect();
+        let held = in_use(&images, &self.holds(), assigned);
         let victims = select(policy, disk, &candidates, &held, now());
         if victims.is_empty() {
             return Ok(PruneReport::default());
@@ -212,6 +273,77 @@ mod tests {
         );
         // An image exactly min_age old may go.
         check(85, &[img("edge", 100, 0, 120)], &[], &["edge"]);
+        // A high-water mark of 100% turns collection off, even on a full disk.
+        let off = GcPolicy {
+            high_percent: 100,
+            low_percent: 100,
+            ..GcPolicy::default()
+        };
+        assert!(select(&off, disk(100), &set, &BTreeSet::new(), NOW).is_empty());
+    }
+
+    fn image(digest: &str, references: &[&str], index_digest: Option<&str>) -> Image {
+        Image {
+            digest: digest.to_owned(),
+            media_type: String::new(),
+            index_digest: index_digest.map(str::to_owned),
+            references: references.iter().map(|r| r.to_string()).collect(),
+            config_digest: format!("{digest}-config"),
+            config: Default::default(),
+            layers: Vec::new(),
+            size: 100,
+            created_at: 0,
+            last_used: 0,
+        }
+    }
+
+    fn sha(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn images_in_use_are_never_selected() {
+        let (a, b, c, d, e, f) = (sha('a'), sha('b'), sha('c'), sha('d'), sha('e'), sha('f'));
+        let images = [
+            // Named by an assigned instance, no container yet (between two runs).
+            image(&a, &["docker.io/library/busybox:1.36"], None),
+            // Held by a container; its tag has moved on since, so nothing assigned names it.
+            image(&b, &[], None),
+            // Neither: the only one the collector may take.
+            image(&c, &["gantry.test/old:1"], None),
+            // Assigned by digest.
+            image(&d, &["reg.local:5000/app:2"], None),
+            // Pulled through an index; assigned by the index digest.
+            image(&e, &[], Some(&f)),
+        ];
+        let holds = [("web-1".to_owned(), b.clone())];
+        let assigned = [
+            // Written as users write it: normalised before matching.
+            "busybox:1.36".to_owned(),
+            format!("reg.local:5000/app@{d}"),
+            format!("gantry.test/multi@{f}"),
+            // Not an image reference: names nothing, breaks nothing.
+            "Not A Reference!".to_owned(),
+        ];
+        let keep = in_use(&images, &holds, &assigned);
+        assert_eq!(keep, [&a, &b, &d, &e].into_iter().cloned().collect());
+        // A full disk and every image old enough: only the unused image goes.
+        let candidates: Vec<Candidate> = images.iter().map(Candidate::from).collect();
+        let full = DiskUsage {
+            capacity: 1000,
+            available: 0,
+        };
+        let picked = select(&GcPolicy::default(), full, &candidates, &keep, NOW);
+        assert_eq!(picked, vec![c.clone()]);
+        // Nothing assigned and no holds: any may go; 200 bytes to free takes two of 100.
+        let picked = select(
+            &GcPolicy::default(),
+            full,
+            &candidates,
+            &in_use(&images, &[], &[]),
+            NOW,
+        );
+        assert_eq!(picked.len(), 2);
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! - [`ImageStore::mount_rootfs`] before creating a container and
 //!   [`ImageStore::unmount_rootfs`] after deleting it (blocking); [`merge`] to build the
 //!   container's process from the image config and the workload.
-//! - [`ImageStore::collect_garbage`] periodically (kubelet's thresholds, [`gc::GcPolicy`]).
+//! - [`ImageStore::collect_garbage`] periodically (kubelet's thresholds, [`gc::GcPolicy`]),
+//!   with the references of the instances assigned to the node, whose images it keeps.
+//! - [`pull::follow`] to run a pull while reporting its [`PullTotals`] at a bounded rate.
 //!
 //! Blocking methods do file I/O and unpacking: call them from `spawn_blocking`.
 //!
@@ -62,7 +64,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use config::{ConfigError, ImageConfig, MergedProcess, merge};
-pub use pull::{ProgressSink, PullOptions, PullProgress};
+pub use pull::{ProgressSink, PullOptions, PullProgress, PullTotals};
 pub use reference::{ImageRef, PullDecision, PullPolicy, ReferenceError};
 pub use store::{Image, ImageStore, Layer, PruneReport, StoreOptions};
 

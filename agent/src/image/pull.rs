@@ -160,6 +160,86 @@ pub struct PullProgress {
     pub layers: Vec<LayerProgress>,
 }
 
+/// A pull's progress summed over its layers: what an instance status shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullTotals {
+    /// Bytes of the layers that are done, in the store already, or arriving.
+    pub bytes_done: u64,
+    /// Bytes of all the layers.
+    pub bytes_total: u64,
+    /// Layers downloaded or found in the store.
+    pub layers_done: u32,
+    /// Layers of the image.
+    pub layers_total: u32,
+    /// Bytes that came over the network (layers already stored count in `bytes_done`, not
+    /// here): what the pull cost.
+    pub downloaded: u64,
+}
+
+impl PullProgress {
+    /// The sums over the layers. A layer found in the store counts as done, so an image that
+    /// shares most of its layers shows most of its bytes done at once, as `docker pull` does.
+    pub fn totals(&self) -> PullTotals {
+        let mut t = PullTotals {
+            layers_total: u32::try_from(self.layers.len()).unwrap_or(u32::MAX),
+            ..PullTotals::default()
+        };
+        for layer in &self.layers {
+            t.bytes_total += layer.total;
+            // A registry may send more than the descriptor said (the blob store refuses it
+            // later); the sum never shows more than all.
+            let done = layer.done.min(layer.total);
+            match layer.state {
+                LayerState::Waiting => {}
+                LayerState::Downloading => {
+                    t.bytes_done += done;
+                    t.downloaded += layer.done;
+                }
+                LayerState::Done => {
+                    t.bytes_done += layer.total;
+                    t.downloaded += layer.done;
+                    t.layers_done += 1;
+                }
+                LayerState::Exists => {
+                    t.bytes_done += layer.total;
+                    t.layers_done += 1;
+                }
+            }
+        }
+        t
+    }
+}
+
+/// Runs `pull` to its end while calling `report` with the progress's totals at most once per
+/// `every` (and only when they changed): a status report per received chunk would flood the
+/// scheduler. The last totals are not reported here; the caller has the pull's result.
+pub async fn follow<T>(
+    pull: impl std::future::Future<Output = T>,
+    mut progress: watch::Receiver<PullProgress>,
+    every: Duration,
+    mut report: impl FnMut(PullTotals),
+) -> T {
+    tokio::pin!(pull);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            result = &mut pull => return result,
+            _ = tick.tick() => {
+                if !progress.has_changed().unwrap_or(false) {
+                    continue;
+                }
+                let totals = progress.borrow_and_update().totals();
+                if last != Some(totals) {
+                    last = Some(totals);
+                    report(totals);
+                }
+            }
+        }
+    }
+}
+
 /// Where a pull reports progress: nowhere, or a watch channel whose receivers see the latest
 /// state (so a slow reader never slows the download).
 #[derive(Debug, Clone, Default)]
@@ -653,6 +733,102 @@ impl ImageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn layer(total: u64, done: u64, state: LayerState) -> LayerProgress {
+        LayerProgress {
+            digest: format!("sha256:{total}"),
+            done,
+            total,
+            state,
+        }
+    }
+
+    #[test]
+    fn totals_sum_the_layers() {
+        use LayerState::*;
+        let check = |layers: Vec<LayerProgress>, want: (u64, u64, u32, u32, u64)| {
+            let t = PullProgress {
+                layers: layers.clone(),
+            }
+            .totals();
+            let got = (
+                t.bytes_done,
+                t.bytes_total,
+                t.layers_done,
+                t.layers_total,
+                t.downloaded,
+            );
+            assert_eq!(got, want, "{layers:?}");
+        };
+        // Manifest not known yet.
+        check(vec![], (0, 0, 0, 0, 0));
+        // Waiting layers count in the total only.
+        check(
+            vec![layer(100, 0, Waiting), layer(50, 0, Waiting)],
+            (0, 150, 0, 2, 0),
+        );
+        // Arriving bytes, a finished layer, a layer found in the store (done, not downloaded).
+        check(
+            vec![
+                layer(100, 40, Downloading),
+                layer(50, 50, Done),
+                layer(1000, 1000, Exists),
+            ],
+            (1090, 1150, 2, 3, 90),
+        );
+        // A registry sending more than the descriptor says never shows more than all.
+        check(vec![layer(10, 15, Downloading)], (10, 10, 0, 1, 15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follow_reports_at_most_every_interval_and_only_changes() {
+        let (sink, rx) = ProgressSink::channel();
+        let pull = {
+            let sink = sink.clone();
+            async move {
+                sink.update(|p| p.layers = vec![layer(1000, 0, LayerState::Waiting)]);
+                // 100 chunks, one every 20 ms: 2 s of download.
+                for i in 1..=100u64 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    sink.layer(0, |l| {
+                        l.state = LayerState::Downloading;
+                        l.done = i * 10;
+                    });
+                }
+                // Then 2 s of unpacking with no change.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "pulled"
+            }
+        };
+        let mut reports = Vec::new();
+        let started = tokio::time::Instant::now();
+        let result = follow(pull, rx, Duration::from_millis(500), |t| {
+            reports.push((started.elapsed(), t.bytes_done))
+        })
+        .await;
+        assert_eq!(result, "pulled");
+        // Ticks at 0, 0.5, 1, 1.5, 2 (and 2.5) s, the first seeing only the manifest (when the
+        // pull ran first); nothing once the download ended, although the pull runs 2 s longer.
+        assert!(
+            (4..=6).contains(&reports.len()),
+            "{} reports: {reports:?}",
+            reports.len()
+        );
+        for pair in reports.windows(2) {
+            assert!(
+                pair[1].0 - pair[0].0 >= Duration::from_millis(500),
+                "{reports:?}"
+            );
+            assert!(
+                pair[1].1 > pair[0].1,
+                "only changes are reported: {reports:?}"
+            );
+        }
+        assert!(
+            reports.last().unwrap().0 <= Duration::from_millis(2500),
+            "{reports:?}"
+        );
+    }
 
     #[test]
     fn insecure_only_for_loopback_and_listed() {

@@ -754,6 +754,13 @@ impl Cni {
                 .exec(&plugin.plugin_type, Command::Del, Some(&call), &stdin)
                 .await
             {
+                if released_already(&err) {
+                    // Debian's bridge plugin fails its DEL when the rules it would delete are
+                    // gone already (removed by hand, or by an earlier DEL that failed later on);
+                    // nothing is left to release, so a retry would fail forever.
+                    debug!(container = %rt.container_id, network = %conf.name, ?err, "cni del found its rules gone");
+                    continue;
+                }
                 warn!(container = %rt.container_id, network = %conf.name, ?err, "cni del failed");
                 first_err.get_or_insert(err);
             }
@@ -1107,6 +1114,18 @@ async fn read_record_file(path: &Path) -> Result<Option<CacheRecord>, CniError> 
         })
 }
 
+/// Whether a DEL failed only because the iptables objects it removes are gone already (the
+/// messages of iptables-legacy and iptables-nft).
+fn released_already(err: &CniError) -> bool {
+    let CniError::Plugin { msg, .. } = err else {
+        return false;
+    };
+    msg.contains("iptables")
+        && (msg.contains("does not exist")
+            || msg.contains("No chain/target/match by that name")
+            || msg.contains("does a matching rule exist"))
+}
+
 /// Port mappings as the `portMappings` capability argument.
 pub fn port_mappings_arg(ports: &[PortMapping]) -> Map<String, Value> {
     let mut args = Map::new();
@@ -1309,5 +1328,31 @@ mod tests {
             err.to_string(),
             "cni plugin bridge ADD failed: invalid subnet (code 7): 10.300.0.0/24"
         );
+    }
+
+    #[test]
+    fn a_del_that_finds_its_rules_gone_has_released_them() {
+        let del = |msg: &str| CniError::Plugin {
+            plugin: "bridge".into(),
+            command: Command::Del,
+            code: 999,
+            msg: msg.into(),
+            details: String::new(),
+        };
+        assert!(released_already(&del(
+            "running [/usr/sbin/iptables -t nat -D POSTROUTING -s 10.160.0.2 -j CNI-ebcc]: exit \
+             status 2: iptables v1.8.9 (nf_tables): Chain 'CNI-ebcc' does not exist"
+        )));
+        assert!(released_already(&del(
+            "running [/usr/sbin/iptables -t nat -X CNI-1]: iptables: No chain/target/match by that name."
+        )));
+        assert!(!released_already(&del(
+            "failed to delete veth: device busy"
+        )));
+        assert!(!released_already(&CniError::Timeout {
+            plugin: "bridge".into(),
+            command: Command::Del,
+            timeout: Duration::from_secs(1),
+        }));
     }
 }

@@ -11,14 +11,19 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 
+use rustix::process::{Signal, pidfd_send_signal};
+
 use super::builtin::RuntimeError;
+use super::proc::ProcId;
 
 /// A process running in a container, started with [`BuiltinRuntime::spawn_exec`].
 ///
@@ -49,6 +54,22 @@ impl ExecProcess {
         }
     }
 
+    /// A handle that resizes the terminal and kills the exec while another task waits for it.
+    pub fn control(&self) -> ExecControl {
+        let helper = self.child.id().and_then(|pid| {
+            let pid = i32::try_from(pid).ok()?;
+            let fd = ProcId::of(pid).ok()?.open().ok()??;
+            Some((pid, fd))
+        });
+        ExecControl {
+            helper: helper.map(|(pid, fd)| (pid, Arc::new(fd))),
+            resize: self
+                .resize
+                .as_ref()
+                .and_then(|(_, fifo)| Some(Arc::new(fifo.try_clone().ok()?))),
+        }
+    }
+
     /// Whether the process has a pseudo-terminal.
     pub fn tty(&self) -> bool {
         self.tty
@@ -75,25 +96,7 @@ impl ExecProcess {
     /// Sets the terminal's window size; the process gets SIGWINCH. A size set before the process
     /// runs applies before it reads any input. Fails without a TTY.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), RuntimeError> {
-        let Some((_, fifo)) = &self.resize else {
-            return Err(RuntimeError::Io {
-                context: "resizing the exec's terminal".into(),
-                source: io::Error::new(io::ErrorKind::InvalidInput, "the exec has no TTY"),
-            });
-        };
-        // One write of less than PIPE_BUF bytes: atomic, never interleaved with another.
-        let line = format!("{rows} {cols}\n");
-        match (&*fifo).write(line.as_bytes()) {
-            Ok(n) if n == line.len() => Ok(()),
-            Ok(_) => Err(RuntimeError::Io {
-                context: "resizing the exec's terminal".into(),
-                source: io::ErrorKind::WriteZero.into(),
-            }),
-            Err(source) => Err(RuntimeError::Io {
-                context: "resizing the exec's terminal".into(),
-                source,
-            }),
-        }
+        write_size(self.resize.as_ref().map(|(_, fifo)| fifo), rows, cols)
     }
 
     /// Waits for the process to exit and returns its exit code the way Docker reports it: the
@@ -164,4 +167,83 @@ impl AsyncWrite for ExecStdin {
         self.inner = None;
         Poll::Ready(Ok(()))
     }
+}
+
+/// Writes a window size into an exec's resize FIFO (`None`: the exec has no TTY).
+fn write_size(fifo: Option<&File>, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+    let Some(fifo) = fifo else {
+        return Err(RuntimeError::Io {
+            context: "resizing the exec's terminal".into(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "the exec has no TTY"),
+        });
+    };
+    // One write of less than PIPE_BUF bytes: atomic, never interleaved with another.
+    let line = format!("{rows} {cols}\n");
+    match (&*fifo).write(line.as_bytes()) {
+        Ok(n) if n == line.len() => Ok(()),
+        Ok(_) => Err(RuntimeError::Io {
+            context: "resizing the exec's terminal".into(),
+            source: io::ErrorKind::WriteZero.into(),
+        }),
+        Err(source) => Err(RuntimeError::Io {
+            context: "resizing the exec's terminal".into(),
+            source,
+        }),
+    }
+}
+
+/// Resizes and kills an exec from another task than the one waiting for it (see
+/// [`ExecProcess::control`]). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ExecControl {
+    /// The exec helper: its pid and a pidfd pinning it.
+    helper: Option<(i32, Arc<OwnedFd>)>,
+    /// The resize FIFO (TTY only).
+    resize: Option<Arc<File>>,
+}
+
+impl ExecControl {
+    /// Sets the terminal's window size, as [`ExecProcess::resize`].
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        write_size(self.resize.as_deref(), rows, cols)
+    }
+
+    /// Kills the exec'd process and its helper with SIGKILL: the process (the helper's child)
+    /// first, so that it does not outlive a helper without a terminal; the helper then exits
+    /// with 137. Does nothing once the helper has exited.
+    pub fn kill(&self) {
+        let Some((pid, helper)) = &self.helper else {
+            return;
+        };
+        // While the helper lives its children cannot be reaped by anyone else, so their pids
+        // stay theirs; each is still pinned by a pidfd and checked again before the signal.
+        for child in children_of(*pid) {
+            let Ok(Some(fd)) = ProcId::of(child).and_then(|id| id.open()) else {
+                continue;
+            };
+            if parent_of(child) == Some(*pid) {
+                let _ = pidfd_send_signal(&fd, Signal::KILL);
+            }
+        }
+        let _ = pidfd_send_signal(&**helper, Signal::KILL);
+    }
+}
+
+/// The pids whose parent is `pid`, from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| parent_of(p) == Some(pid))
+        .collect()
+}
+
+/// Field 4 of /proc/PID/stat.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }

@@ -232,7 +232,10 @@ pub fn write_etc_files(
          fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\n\
          ff02::2\tip6-allrouters\n",
     );
-    hosts.push_str(&format!("127.0.1.1\t{hostname}\n"));
+    // A container on a network has its own name at its address (in `spec.hosts`).
+    if !spec.hosts.contains_key(hostname) {
+        hosts.push_str(&format!("127.0.1.1\t{hostname}\n"));
+    }
     for (name, addr) in &spec.hosts {
         hosts.push_str(&format!("{addr}\t{name}\n"));
     }

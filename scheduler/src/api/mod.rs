@@ -9,7 +9,7 @@
 //! | file | what |
 //! |---|---|
 //! | `workloads.rs` | `Workloads`: Apply, Get, List, Delete, Scale, History, Rollback |
-//! | `instances.rs` | `Instances`: List, Get (Logs and Exec arrive with the agent session) |
+//! | `instances.rs` | `Instances`: List, Get, and Logs and Exec relayed over node sessions |
 //! | `nodes.rs` | `Nodes`: List, Get, Cordon, Uncordon, Drain |
 //! | `events.rs` | `Events`: Watch |
 //!
@@ -80,6 +80,8 @@ pub(crate) struct Shared {
     pub(crate) config: ApiConfig,
     /// Turns true when the server shuts down: open Watch streams then end.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// The node sessions of this replica, for the logs and exec relays.
+    pub(crate) relays: crate::relay::Relays,
 }
 
 impl Shared {
@@ -163,8 +165,19 @@ impl Stopper {
 }
 
 impl ApiServer {
-    /// The API's services over `store`.
+    /// The API's services over `store`, without node sessions (logs and exec then answer
+    /// UNAVAILABLE).
     pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
+        Self::with_relays(store, config, crate::relay::Relays::new("this replica"))
+    }
+
+    /// The API's services over `store`, relaying logs and exec through the node sessions of
+    /// `relays` (from [`crate::session::SessionService::relays`]).
+    pub fn with_relays(
+        store: Arc<dyn Store>,
+        config: ApiConfig,
+        relays: crate::relay::Relays,
+    ) -> Self {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
@@ -182,6 +195,7 @@ impl ApiServer {
             store,
             config: config.clone(),
             stopping,
+            relays,
         });
         let max = config.max_message_bytes;
         ApiServer {

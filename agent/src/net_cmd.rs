@@ -1,0 +1,69 @@
+//! `gantry-agent network cleanup`: detaches, with CNI DEL, every network attachment of an
+//! agent's data dir whose container no longer runs — what the agent does at start, for an agent
+//! that will not start again (a node being retired, a test tearing down). Refuses while an agent
+//! runs on the data dir (the runtime's lock).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use gantry_agent::daemon::net::{Net, NetConfig};
+use gantry_agent::runtime::{BuiltinRuntime, ContainerState, Runtime, RuntimeConfig};
+
+/// Options of `gantry-agent network`.
+#[derive(Parser, Debug)]
+#[command(name = "gantry-agent network", about = "the agent's container network")]
+pub struct NetworkCmd {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Detach (CNI DEL) every container of the data dir that does not run.
+    Cleanup {
+        /// The agent's data directory.
+        #[arg(
+            long,
+            default_value = "/var/lib/gantry/agent",
+            env = "GANTRY_AGENT_DATA_DIR"
+        )]
+        data_dir: PathBuf,
+        /// The conflist the agent was given with --cni-conf, if any.
+        #[arg(long)]
+        cni_conf: Option<PathBuf>,
+        /// The plugin directories the agent was given with --cni-bin-dir, if any.
+        #[arg(long, value_delimiter = ',')]
+        cni_bin_dir: Vec<PathBuf>,
+    },
+}
+
+/// Runs the command.
+pub async fn main(opts: NetworkCmd) -> Result<()> {
+    let Cmd::Cleanup {
+        data_dir,
+        cni_conf,
+        cni_bin_dir,
+    } = opts.cmd;
+    let shim = std::env::current_exe().context("finding the agent binary")?;
+    let config = RuntimeConfig::new(&data_dir.join("runtime"), &shim, None)?;
+    let runtime = BuiltinRuntime::open(config)
+        .context("opening the runtime (is an agent running on this data dir?)")?;
+    let running = runtime
+        .list()
+        .await
+        .context("listing containers")?
+        .into_iter()
+        .filter(|c| !matches!(c.state, ContainerState::Stopped(_)))
+        .map(|c| c.id)
+        .collect();
+    let (_updates, rx) = tokio::sync::watch::channel(None);
+    let config = NetConfig {
+        conflist: cni_conf,
+        plugin_dirs: cni_bin_dir,
+        ..NetConfig::default()
+    };
+    let net = Net::open(config, &data_dir, "", rx).await;
+    net.cleanup(&running).await;
+    Ok(())
+}

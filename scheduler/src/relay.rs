@@ -1,0 +1,733 @@
+//! Logs and exec relays: the `Instances.Logs` and `Instances.Exec` calls of clients, carried
+//! over the node sessions this replica serves.
+//!
+//! [`Relays`] is the registry of one process's node sessions: node name → the session's
+//! outbound sender and its table of open relays, keyed by a `relay_id` unique in the process
+//! (so unique within every session). The session registers itself with [`Relays::attach`] and
+//! hands every relay frame of its agent to [`NodeRelays::deliver`]; the API handlers open
+//! relays with [`Relays::open_logs`] and [`Relays::open_exec`] and return the
+//! [`RelayStream`] as the response stream.
+//!
+//! Invariants:
+//! - The session loop never waits on a client: frames go into each relay's bounded channel
+//!   ([`RELAY_QUEUE`] frames, each at most 64 KiB by the protocol) with `try_send`. A relay
+//!   whose client does not keep up is aborted with RESOURCE_EXHAUSTED and cancelled at the
+//!   agent, so one slow reader never stalls the other instances of its node.
+//! - A client that goes away (its response stream dropped) cancels the relay: it leaves the
+//!   table and the agent gets `relay_cancel`.
+//! - The agent's `relay_end` ends the client's stream with the code and message it carries,
+//!   after every frame delivered before it.
+//! - A session that ends, or is replaced by a newer session of its node, fails its open relays
+//!   with UNAVAILABLE.
+//!
+//! Sessions of a node held by another replica are not reachable from here: the API answers
+//! UNAVAILABLE naming the replica that holds it (from the node's live key).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use gantry::pb;
+use gantry::pb::scheduler_message::Message as ToAgent;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Code, Status};
+use tracing::debug;
+
+/// Frames buffered per relay before a client that does not read them loses its relay.
+pub const RELAY_QUEUE: usize = 128;
+/// Relays open at once on one node.
+pub const MAX_RELAYS_PER_NODE: usize = 256;
+
+/// The sender of one session's messages to its agent.
+pub(crate) type Outbound = mpsc::Sender<Result<pb::SchedulerMessage, Status>>;
+
+/// Why a relay could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The node has no session on this replica.
+    #[error("node {node} has no session on scheduler replica {replica}")]
+    NoSession {
+        /// The node.
+        node: String,
+        /// This replica.
+        replica: String,
+    },
+    /// The node has too many relays open.
+    #[error(
+        "node {node} already has {MAX_RELAYS_PER_NODE} logs and exec streams open; close some and retry"
+    )]
+    TooMany {
+        /// The node.
+        node: String,
+    },
+}
+
+impl From<OpenError> for Status {
+    fn from(err: OpenError) -> Self {
+        match err {
+            OpenError::NoSession { .. } => Status::unavailable(err.to_string()),
+            OpenError::TooMany { .. } => Status::resource_exhausted(err.to_string()),
+        }
+    }
+}
+
+/// The relays of every node session in this process. Cheap to clone.
+#[derive(Clone)]
+pub struct Relays {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Relays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relays")
+            .field("replica", &self.inner.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// The name of this replica, for error messages.
+    replica: String,
+    nodes: Mutex<HashMap<String, NodeEntry>>,
+    next_relay: AtomicU64,
+    next_session: AtomicU64,
+}
+
+struct NodeEntry {
+    session: u64,
+    out: Outbound,
+    relays: HashMap<u64, Sink>,
+}
+
+/// Where the frames of one relay go.
+struct Sink {
+    data: SinkData,
+    /// The relay's final status (OK included).
+    end: oneshot::Sender<Status>,
+}
+
+enum SinkData {
+    Logs(mpsc::Sender<pb::LogChunk>),
+    Exec(mpsc::Sender<pb::ExecOutput>),
+}
+
+/// A relay frame from an agent.
+#[derive(Debug)]
+pub enum Frame {
+    /// Log output.
+    Logs(pb::LogsFrame),
+    /// Exec output.
+    Exec(pb::ExecOutputFrame),
+    /// The end of a relay.
+    End(pb::RelayEnd),
+}
+
+impl Relays {
+    /// An empty registry for replica `replica`.
+    pub fn new(replica: impl Into<String>) -> Self {
+        Relays {
+            inner: Arc::new(Inner {
+                replica: replica.into(),
+                nodes: Mutex::new(HashMap::new()),
+                next_relay: AtomicU64::new(1),
+                next_session: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The name of this replica.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+
+    /// Registers the session of `node` whose messages go to `out`; a previous session of the
+    /// node fails its relays. The registration lasts as long as the returned value.
+    pub fn attach(&self, node: &str, out: Outbound) -> NodeRelays {
+        let session = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let previous = self.inner.lock().insert(
+            node.to_owned(),
+            NodeEntry {
+                session,
+                out,
+                relays: HashMap::new(),
+            },
+        );
+        if let Some(previous) = previous {
+            fail_all(node, previous.relays);
+        }
+        NodeRelays {
+            inner: self.inner.clone(),
+            node: node.to_owned(),
+            session,
+        }
+    }
+
+    /// Opens a logs relay to `node`'s agent.
+    pub async fn open_logs(
+        &self,
+        node: &str,
+        request: pb::LogsRequest,
+    ) -> Result<RelayStream<pb::LogChunk>, OpenError> {
+        let (stream, out, _) = self.open(node, SinkData::Logs)?;
+        let open = ToAgent::Logs(pb::LogsOpen {
+            relay_id: stream.relay_id(),
+            request: Some(request),
+        });
+        if !send(&out, open).await {
+            return Err(self.no_session(node));
+        }
+        Ok(stream)
+    }
+
+    /// Opens an exec relay to `node`'s agent; input for it goes through the returned
+    /// [`ExecInputs`].
+    pub async fn open_exec(
+        &self,
+        node: &str,
+        start: pb::ExecStart,
+    ) -> Result<(RelayStream<pb::ExecOutput>, ExecInputs), OpenError> {
+        let (stream, out, closed) = self.open(node, SinkData::Exec)?;
+        let relay_id = stream.relay_id();
+        let open = ToAgent::ExecStart(pb::ExecOpen {
+            relay_id,
+            start: Some(start),
+        });
+        if !send(&out, open).await {
+            return Err(self.no_session(node));
+        }
+        let inputs = ExecInputs {
+            relay_id,
+            out,
+            closed,
+        };
+        Ok((stream, inputs))
+    }
+
+    /// Relays open on `node` (tests and diagnostics).
+    pub fn open_count(&self, node: &str) -> usize {
+        self.inner
+            .lock()
+            .get(node)
+            .map_or(0, |entry| entry.relays.len())
+    }
+
+    fn no_session(&self, node: &str) -> OpenError {
+        OpenError::NoSession {
+            node: node.to_owned(),
+            replica: self.inner.replica.clone(),
+        }
+    }
+
+    /// Puts a new relay into `node`'s table; returns its stream, the session's outbound
+    /// sender, and what completes once the stream is dropped.
+    #[allow(clippy::type_complexity)]
+    fn open<T>(
+        &self,
+        node: &str,
+        data: impl FnOnce(mpsc::Sender<T>) -> SinkData,
+    ) -> Result<(RelayStream<T>, Outbound, oneshot::Receiver<()>), OpenError> {
+        let mut nodes = self.inner.lock();
+        let Some(entry) = nodes.get_mut(node) else {
+            return Err(self.no_session(node));
+        };
+        if entry.relays.len() >= MAX_RELAYS_PER_NODE {
+            return Err(OpenError::TooMany {
+                node: node.to_owned(),
+            });
+        }
+        let relay_id = self.inner.next_relay.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(RELAY_QUEUE);
+        let (end_tx, end_rx) = oneshot::channel();
+        entry.relays.insert(
+            relay_id,
+            Sink {
+                data: data(tx),
+                end: end_tx,
+            },
+        );
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let stream = RelayStream {
+            rx,
+            end: Some(end_rx),
+            finished: false,
+            guard: Guard {
+                inner: self.inner.clone(),
+                node: node.to_owned(),
+                session: entry.session,
+                relay_id,
+                _closed: closed_tx,
+            },
+        };
+        Ok((stream, entry.out.clone(), closed_rx))
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeEntry>> {
+        self.nodes.lock().expect("relays lock")
+    }
+
+    /// Removes relay `relay_id` of `node`'s session `session`, if it is still open.
+    fn take(&self, node: &str, session: u64, relay_id: u64) -> Option<(Sink, Outbound)> {
+        let mut nodes = self.lock();
+        let entry = nodes.get_mut(node).filter(|e| e.session == session)?;
+        let sink = entry.relays.remove(&relay_id)?;
+        Some((sink, entry.out.clone()))
+    }
+}
+
+/// One session's registration; dropping it fails the session's open relays with
+/// UNAVAILABLE.
+pub struct NodeRelays {
+    inner: Arc<Inner>,
+    node: String,
+    session: u64,
+}
+
+impl NodeRelays {
+    /// Hands a frame from the agent to its relay, without waiting: a frame for a relay that is
+    /// gone is dropped; a relay whose client does not keep up is aborted with
+    /// RESOURCE_EXHAUSTED and cancelled at the agent.
+    pub fn deliver(&self, frame: Frame) {
+        let relay_id = match &frame {
+            Frame::Logs(f) => f.relay_id,
+            Frame::Exec(f) => f.relay_id,
+            Frame::End(f) => f.relay_id,
+        };
+        let mut nodes = self.inner.lock();
+        let Some(entry) = nodes
+            .get_mut(&self.node)
+            .filter(|e| e.session == self.session)
+        else {
+            return;
+        };
+        let Some(sink) = entry.relays.get(&relay_id) else {
+            debug!(node = %self.node, relay_id, "frame of a relay that is gone dropped");
+            return;
+        };
+        let full = match (frame, &sink.data) {
+            (Frame::End(end), _) => {
+                let pb::RelayEnd {
+                    relay_id: _,
+                    code,
+                    message,
+                } = end;
+                if let Some(sink) = entry.relays.remove(&relay_id) {
+                    let _ = sink.end.send(Status::new(Code::from(code), message));
+                }
+                return;
+            }
+            (
+                Frame::Logs(pb::LogsFrame {
+                    relay_id: _,
+                    chunk: Some(chunk),
+                }),
+                SinkData::Logs(tx),
+            ) => is_full(tx.try_send(chunk)),
+            (
+                Frame::Exec(pb::ExecOutputFrame {
+                    relay_id: _,
+                    output: Some(output),
+                }),
+                SinkData::Exec(tx),
+            ) => is_full(tx.try_send(output)),
+            _ => {
+                debug!(node = %self.node, relay_id, "relay frame of the wrong kind or empty dropped");
+                false
+            }
+        };
+        if full && let Some(sink) = entry.relays.remove(&relay_id) {
+            debug!(node = %self.node, relay_id, "client too slow; relay aborted");
+            let _ = sink.end.send(Status::resource_exhausted(format!(
+                "the client read the stream too slowly ({RELAY_QUEUE} messages waiting); \
+                 the stream was stopped: read it faster, or ask for less (--tail, --since)"
+            )));
+            cancel(&entry.out, relay_id);
+        }
+    }
+}
+
+impl Drop for NodeRelays {
+    fn drop(&mut self) {
+        let mut nodes = self.inner.lock();
+        if nodes
+            .get(&self.node)
+            .is_some_and(|e| e.session == self.session)
+            && let Some(entry) = nodes.remove(&self.node)
+        {
+            drop(nodes);
+            fail_all(&self.node, entry.relays);
+        }
+    }
+}
+
+/// Whether a `try_send` found the channel full (a closed one means the client is gone, which
+/// its stream's drop handles).
+fn is_full<T>(result: Result<(), mpsc::error::TrySendError<T>>) -> bool {
+    matches!(result, Err(mpsc::error::TrySendError::Full(_)))
+}
+
+fn fail_all(node: &str, relays: HashMap<u64, Sink>) {
+    for (_, sink) in relays {
+        let _ = sink.end.send(Status::unavailable(format!(
+            "the session of node {node} ended; retry once its agent has reconnected"
+        )));
+    }
+}
+
+/// Sends one message to the agent; false when the session is gone.
+async fn send(out: &Outbound, message: ToAgent) -> bool {
+    out.send(Ok(pb::SchedulerMessage {
+        message: Some(message),
+    }))
+    .await
+    .is_ok()
+}
+
+/// Tells the agent to stop relay `relay_id`, without waiting on a full outbound queue.
+fn cancel(out: &Outbound, relay_id: u64) {
+    let message = Ok(pb::SchedulerMessage {
+        message: Some(ToAgent::RelayCancel(pb::RelayCancel { relay_id })),
+    });
+    match out.try_send(message) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(message)) => {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let out = out.clone();
+                runtime.spawn(async move {
+                    let _ = out.send(message).await;
+                });
+            }
+        }
+    }
+}
+
+/// Cancels its relay when the client's stream is dropped before the relay ended.
+struct Guard {
+    inner: Arc<Inner>,
+    node: String,
+    session: u64,
+    relay_id: u64,
+    /// Dropped with the stream: tells the exec input forwarder to stop.
+    _closed: oneshot::Sender<()>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some((_, out)) = self.inner.take(&self.node, self.session, self.relay_id) {
+            debug!(node = %self.node, relay_id = self.relay_id, "client gone; relay cancelled");
+            cancel(&out, self.relay_id);
+        }
+    }
+}
+
+/// The client's side of a relay: the frames, then the end status (nothing more when OK).
+pub struct RelayStream<T> {
+    rx: mpsc::Receiver<T>,
+    end: Option<oneshot::Receiver<Status>>,
+    finished: bool,
+    guard: Guard,
+}
+
+impl<T> RelayStream<T> {
+    /// The relay id (unique in the process).
+    pub fn relay_id(&self) -> u64 {
+        self.guard.relay_id
+    }
+}
+
+impl<T> Stream for RelayStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if let Some(item) = std::task::ready!(this.rx.poll_recv(cx)) {
+            return Poll::Ready(Some(Ok(item)));
+        }
+        let Some(end) = this.end.as_mut() else {
+            this.finished = true;
+            return Poll::Ready(None);
+        };
+        let status = match std::task::ready!(Pin::new(end).poll(cx)) {
+            Ok(status) => status,
+            Err(_) => Status::unavailable("the relay ended without a result; retry"),
+        };
+        this.end = None;
+        this.finished = true;
+        if status.code() == Code::Ok {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Err(status)))
+        }
+    }
+}
+
+/// Forwards a client's exec input to the agent.
+pub struct ExecInputs {
+    relay_id: u64,
+    out: Outbound,
+    closed: oneshot::Receiver<()>,
+}
+
+impl ExecInputs {
+    /// Sends one input (stdin, close_stdin or resize); false when the session is gone.
+    pub async fn send(&self, input: pb::exec_input::Input) -> bool {
+        let frame = pb::ExecInputFrame {
+            relay_id: self.relay_id,
+            input: Some(pb::ExecInput { input: Some(input) }),
+        };
+        send(&self.out, ToAgent::ExecInput(frame)).await
+    }
+
+    /// Completes once the relay's output stream has been dropped.
+    pub async fn closed(&mut self) {
+        let _ = (&mut self.closed).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn session(
+        relays: &Relays,
+        node: &str,
+    ) -> (
+        NodeRelays,
+        mpsc::Receiver<Result<pb::SchedulerMessage, Status>>,
+    ) {
+        let (tx, rx) = mpsc::channel(64);
+        (relays.attach(node, tx), rx)
+    }
+
+    /// The next message to the agent, which must be there already.
+    fn sent(rx: &mut mpsc::Receiver<Result<pb::SchedulerMessage, Status>>) -> ToAgent {
+        rx.try_recv()
+            .expect("a message to the agent")
+            .expect("not an error")
+            .message
+            .expect("a message")
+    }
+
+    fn chunk(relay_id: u64, text: &str) -> Frame {
+        Frame::Logs(pb::LogsFrame {
+            relay_id,
+            chunk: Some(pb::LogChunk {
+                stream: pb::LogStream::Stdout as i32,
+                data: text.as_bytes().to_vec(),
+                time: None,
+            }),
+        })
+    }
+
+    fn end(relay_id: u64, code: Code, message: &str) -> Frame {
+        Frame::End(pb::RelayEnd {
+            relay_id,
+            code: code as i32,
+            message: message.into(),
+        })
+    }
+
+    fn request(id: &str) -> pb::LogsRequest {
+        pb::LogsRequest {
+            instance_id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_without_a_session_is_unavailable_and_named() {
+        let relays = Relays::new("sched-a");
+        let err = relays
+            .open_logs("n1", request("web-1"))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            err,
+            OpenError::NoSession {
+                node: "n1".into(),
+                replica: "sched-a".into()
+            }
+        );
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("n1"), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn frames_reach_the_client_and_the_end_closes_the_stream() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let mut stream = relays.open_logs("n1", request("web-1")).await.unwrap();
+        let ToAgent::Logs(open) = sent(&mut agent) else {
+            panic!("expected a logs open")
+        };
+        assert_eq!(open.relay_id, stream.relay_id());
+        assert_eq!(open.request.unwrap().instance_id, "web-1");
+        node.deliver(chunk(open.relay_id, "a\n"));
+        node.deliver(chunk(open.relay_id, "b\n"));
+        node.deliver(end(open.relay_id, Code::Ok, ""));
+        // A frame of an unknown relay is ignored.
+        node.deliver(chunk(999, "stray\n"));
+        let got: Vec<_> = (&mut stream).collect().await;
+        let data: Vec<Vec<u8>> = got.into_iter().map(|c| c.unwrap().data).collect();
+        assert_eq!(data, [b"a\n".to_vec(), b"b\n".to_vec()]);
+        assert_eq!(relays.open_count("n1"), 0);
+        drop(stream);
+        assert!(agent.try_recv().is_err(), "an ended relay is not cancelled");
+    }
+
+    #[tokio::test]
+    async fn the_agents_error_becomes_the_clients_status() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let mut stream = relays.open_logs("n1", request("web-1")).await.unwrap();
+        let id = stream.relay_id();
+        let _ = sent(&mut agent);
+        node.deliver(end(id, Code::NotFound, "instance web-1 has no container"));
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message(), "instance web-1 has no container");
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_cancels_its_relay() {
+        let relays = Relays::new("s");
+        let (_node, mut agent) = session(&relays, "n1");
+        let stream = relays.open_logs("n1", request("web-1")).await.unwrap();
+        let id = stream.relay_id();
+        let _ = sent(&mut agent);
+        assert_eq!(relays.open_count("n1"), 1);
+        drop(stream);
+        let ToAgent::RelayCancel(cancel) = sent(&mut agent) else {
+            panic!("expected a cancel")
+        };
+        assert_eq!(cancel.relay_id, id);
+        assert_eq!(relays.open_count("n1"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ends_fails_its_relays() {
+        let relays = Relays::new("s");
+        let (node, _agent) = session(&relays, "n1");
+        let mut stream = relays.open_logs("n1", request("web-1")).await.unwrap();
+        drop(node);
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("n1"), "{status:?}");
+        assert!(relays.open_logs("n1", request("web-1")).await.is_err());
+
+        // A newer session of the node fails the older one's relays and keeps its own.
+        let (old, _a) = session(&relays, "n1");
+        let mut before = relays.open_logs("n1", request("web-1")).await.unwrap();
+        let (new, _b) = session(&relays, "n1");
+        let status = before.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        drop(old);
+        let after = relays.open_logs("n1", request("web-1")).await.unwrap();
+        new.deliver(chunk(after.relay_id(), "x\n"));
+        assert_eq!(relays.open_count("n1"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_loses_its_relay_without_stalling_the_session() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let mut slow = relays.open_logs("n1", request("web-1")).await.unwrap();
+        let mut other = relays.open_logs("n1", request("web-2")).await.unwrap();
+        let _ = sent(&mut agent);
+        let _ = sent(&mut agent);
+        // Never blocks, however far the client is behind.
+        for _ in 0..RELAY_QUEUE + 10 {
+            node.deliver(chunk(slow.relay_id(), "line\n"));
+        }
+        let ToAgent::RelayCancel(cancel) = sent(&mut agent) else {
+            panic!("expected a cancel")
+        };
+        assert_eq!(cancel.relay_id, slow.relay_id());
+        // The other relay of the node carries on.
+        node.deliver(chunk(other.relay_id(), "fine\n"));
+        assert_eq!(other.next().await.unwrap().unwrap().data, b"fine\n");
+        let mut delivered = 0;
+        let status = loop {
+            match slow.next().await.unwrap() {
+                Ok(_) => delivered += 1,
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(delivered, RELAY_QUEUE);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+    }
+
+    #[tokio::test]
+    async fn exec_input_follows_the_start_and_stops_with_the_stream() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let start = pb::ExecStart {
+            instance_id: "web-1".into(),
+            command: vec!["cat".into()],
+            stdin: true,
+            ..Default::default()
+        };
+        let (mut stream, mut inputs) = relays.open_exec("n1", start).await.unwrap();
+        let ToAgent::ExecStart(open) = sent(&mut agent) else {
+            panic!("expected an exec start")
+        };
+        assert_eq!(open.start.unwrap().command, ["cat"]);
+        assert!(
+            inputs
+                .send(pb::exec_input::Input::Stdin(b"hi".to_vec()))
+                .await
+        );
+        assert!(inputs.send(pb::exec_input::Input::CloseStdin(true)).await);
+        let ToAgent::ExecInput(first) = sent(&mut agent) else {
+            panic!("expected input")
+        };
+        assert_eq!(first.relay_id, open.relay_id);
+        assert_eq!(
+            first.input.unwrap().input,
+            Some(pb::exec_input::Input::Stdin(b"hi".to_vec()))
+        );
+        let ToAgent::ExecInput(second) = sent(&mut agent) else {
+            panic!("expected input")
+        };
+        assert_eq!(
+            second.input.unwrap().input,
+            Some(pb::exec_input::Input::CloseStdin(true))
+        );
+        let output = |output| {
+            Frame::Exec(pb::ExecOutputFrame {
+                relay_id: open.relay_id,
+                output: Some(pb::ExecOutput {
+                    output: Some(output),
+                }),
+            })
+        };
+        node.deliver(output(pb::exec_output::Output::Stdout(b"hi".to_vec())));
+        node.deliver(output(pb::exec_output::Output::ExitCode(3)));
+        node.deliver(end(open.relay_id, Code::Ok, ""));
+        let got: Vec<_> = (&mut stream).map(|o| o.unwrap().output).collect().await;
+        assert_eq!(
+            got,
+            [
+                Some(pb::exec_output::Output::Stdout(b"hi".to_vec())),
+                Some(pb::exec_output::Output::ExitCode(3))
+            ]
+        );
+        drop(stream);
+        // The forwarder hears that the client's stream is gone.
+        tokio::time::timeout(std::time::Duration::from_secs(5), inputs.closed())
+            .await
+            .unwrap();
+    }
+}
