@@ -78,7 +78,7 @@
 //! the store leaves no unread frames behind; afterwards it reads its stream continuously
 //! (h2 closes a whole connection once too many small frames sit unread on it).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -120,8 +120,8 @@ const STATUS_TXNS_IN_FLIGHT: usize = 4;
 const STATUS_QUEUE: usize = 1024;
 /// Messages queued for one agent before its session waits.
 const OUTBOUND_QUEUE: usize = 16;
-/// Node changes within this window go out in one `network` message: every message lists every
-/// node, so a registration storm must not cost one message per node per session.
+/// Node changes within this window go out in one `network` message, so a registration storm
+/// does not cost one message per node per session.
 const NETWORK_COALESCE: Duration = Duration::from_secs(1);
 /// Registrations writing to the store at once. A reconnection storm (a replica failing over
 /// thousands of agents) queues here rather than in the store, so that a node's lease is not
@@ -282,6 +282,9 @@ impl SessionService {
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 registrations: Semaphore::new(REGISTRATIONS_IN_FLIGHT),
+                pending_subnets: Mutex::new(BTreeSet::new()),
+                subnet_cursor: AtomicU64::new(0),
+                networks: Mutex::new(NetworkTable::default()),
                 writer: OnceLock::new(),
                 live: OnceLock::new(),
                 relays: Relays::new(config_identity),
@@ -343,6 +346,12 @@ struct Shared {
     live: OnceLock<LiveKeys>,
     /// The logs and exec relays of the sessions served here.
     relays: Relays,
+    /// Subnets picked by registrations in flight, not yet written (see [`network::claim`]).
+    pending_subnets: Mutex<BTreeSet<Cidr>>,
+    /// Where the next subnet search starts: after this replica's last pick.
+    subnet_cursor: AtomicU64,
+    /// Every node's network, built once per change for all sessions.
+    networks: Mutex<NetworkTable>,
 }
 
 /// One status put, encoded.
@@ -378,8 +387,84 @@ struct NodeState {
     reported: HashMap<String, model::InstanceStatus>,
     /// This session's logs and exec relays.
     relays: NodeRelays,
-    /// The network as last sent.
-    network: Option<network::NodeNetwork>,
+    /// The network as last sent: the table's version, and the node's own subnet.
+    network: Option<(u64, String)>,
+}
+
+/// Versions of the network table a session can catch up on with a `delta`; a session further
+/// behind gets the complete list.
+const NETWORK_LOG: usize = 64;
+
+/// Every node's route target (its subnet and address), built once per change of the nodes for
+/// all the sessions of the process, with a log of which nodes each version changed: a session
+/// sends only the changes since its last `network` message, so that N nodes joining cost each
+/// session O(N) routes in all, not O(N) per message.
+#[derive(Debug, Default)]
+struct NetworkTable {
+    /// `View::membership` the table was built at.
+    membership: Option<u64>,
+    /// One more per change of content.
+    version: u64,
+    /// Node → (subnet, address), for nodes that have a subnet.
+    nodes: Arc<BTreeMap<String, (String, String)>>,
+    /// (version, the nodes it changed), oldest first.
+    log: VecDeque<(u64, Vec<String>)>,
+}
+
+impl NetworkTable {
+    /// Brings the table up to `view` (a no-op while the view's nodes did not change).
+    fn refresh(&mut self, view: &View) {
+        if self.membership == Some(view.membership) {
+            return;
+        }
+        self.membership = Some(view.membership);
+        let nodes: BTreeMap<String, (String, String)> = view
+            .nodes
+            .iter()
+            .filter_map(|(name, v)| {
+                let subnet = v.value.subnet.clone()?;
+                Some((name.clone(), (subnet, v.value.address.clone())))
+            })
+            .collect();
+        let mut changed: Vec<String> = nodes
+            .iter()
+            .filter(|(name, entry)| self.nodes.get(*name) != Some(*entry))
+            .map(|(name, _)| name.clone())
+            .collect();
+        changed.extend(
+            self.nodes
+                .keys()
+                .filter(|name| !nodes.contains_key(*name))
+                .cloned(),
+        );
+        if changed.is_empty() {
+            return;
+        }
+        self.version += 1;
+        self.nodes = Arc::new(nodes);
+        self.log.push_back((self.version, changed));
+        while self.log.len() > NETWORK_LOG {
+            self.log.pop_front();
+        }
+    }
+
+    /// The nodes changed after version `since`; `None` when the log does not reach back.
+    fn changes_since(&self, since: u64) -> Option<BTreeSet<String>> {
+        if since == self.version {
+            return Some(BTreeSet::new());
+        }
+        let oldest = self.log.front()?.0;
+        if since + 1 < oldest || since > self.version {
+            return None;
+        }
+        Some(
+            self.log
+                .iter()
+                .filter(|(version, _)| *version > since)
+                .flat_map(|(_, nodes)| nodes.iter().cloned())
+                .collect(),
+        )
+    }
 }
 
 /// This session's claim on its node within the process. Dropping it releases the claim.
@@ -620,12 +705,30 @@ impl Shared {
             let mut record = merge_node(registered, existing.as_ref());
             let mut ops = vec![Op::put_with_lease(keys::live(name), live.clone(), lease)];
             let mut compare = vec![Compare::mod_revision(key.clone(), expected)];
+            let mut picked = None;
             if record.subnet.is_none() {
                 let known = network::Known::of(&self.cache.read());
-                let claim =
-                    network::claim(&*self.store, &known, self.config.cluster_cidr, name).await?;
+                let pending = self.pending_subnets.lock().expect("pending lock").clone();
+                let start = self.subnet_cursor.load(Ordering::Relaxed);
+                let claim = network::claim(
+                    &*self.store,
+                    &known,
+                    self.config.cluster_cidr,
+                    name,
+                    &pending,
+                    start,
+                )
+                .await?;
                 info!(node = %name, subnet = %claim.subnet, "node subnet allocated");
                 record.subnet = Some(claim.subnet.to_string());
+                if let Some(index) = claim.index {
+                    self.subnet_cursor.store(index + 1, Ordering::Relaxed);
+                }
+                self.pending_subnets
+                    .lock()
+                    .expect("pending lock")
+                    .insert(claim.subnet);
+                picked = Some(claim.subnet);
                 compare.extend(claim.compares);
                 ops.extend(claim.ops);
             }
@@ -633,7 +736,14 @@ impl Shared {
             if !unchanged {
                 ops.push(Op::put(key.clone(), model::encode(&record)));
             }
-            let result = match self.store.txn(compare, ops, Vec::new()).await {
+            let result = self.store.txn(compare, ops, Vec::new()).await;
+            if let Some(subnet) = picked {
+                self.pending_subnets
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&subnet);
+            }
+            let result = match result {
                 Err(StoreError::LeaseNotFound { .. }) => {
                     // The replica could not reach the store for a TTL: replace the lease and
                     // try again.
@@ -755,40 +865,63 @@ impl Shared {
     }
 
     /// Sends the node's network (its subnet, the other nodes' routes) when it changed since it
-    /// was last sent; returns false when the agent's stream is gone.
+    /// was last sent — the complete list first, then only what changed (`delta`); returns
+    /// false when the agent's stream is gone.
     async fn send_network(&self, state: &mut NodeState, out: &Outbound) -> bool {
-        let current = {
-            let view = self.cache.read();
-            network::node_network(
-                &state.name,
-                self.config.cluster_cidr,
-                view.nodes.iter().map(|(n, v)| (n, &v.value)),
-            )
+        let (version, nodes, changes) = {
+            let mut table = self.networks.lock().expect("network table lock");
+            table.refresh(&self.cache.read());
+            let changes = state
+                .network
+                .as_ref()
+                .and_then(|(sent, _)| table.changes_since(*sent));
+            (table.version, table.nodes.clone(), changes)
         };
-        if current.is_none() || current == state.network {
-            return true;
-        }
-        state.network.clone_from(&current);
-        let Some(network::NodeNetwork {
-            subnet,
-            cluster,
-            peers,
-        }) = current
-        else {
+        let Some((own_subnet, _)) = nodes.get(&state.name) else {
+            // No subnet yet: nothing to say.
             return true;
         };
-        let config = pb::NetworkConfig {
-            subnet,
-            cluster_cidr: cluster.to_string(),
-            peers: peers
-                .into_iter()
-                .map(|p| pb::PeerRoute {
-                    node: p.node,
-                    subnet: p.subnet,
-                    address: p.address,
-                })
-                .collect(),
+        let route = |node: &String, (subnet, address): &(String, String)| pb::PeerRoute {
+            node: node.clone(),
+            subnet: subnet.clone(),
+            address: address.clone(),
         };
+        let same_subnet = state.network.as_ref().map(|(_, s)| s) == Some(own_subnet);
+        let config = match changes {
+            Some(changes) if same_subnet => {
+                let mut peers = Vec::new();
+                let mut removed_peers = Vec::new();
+                for node in changes.into_iter().filter(|n| *n != state.name) {
+                    match nodes.get(&node) {
+                        Some(entry) if !entry.1.is_empty() => peers.push(route(&node, entry)),
+                        _ => removed_peers.push(node),
+                    }
+                }
+                if peers.is_empty() && removed_peers.is_empty() {
+                    state.network = Some((version, own_subnet.clone()));
+                    return true;
+                }
+                pb::NetworkConfig {
+                    subnet: own_subnet.clone(),
+                    cluster_cidr: self.config.cluster_cidr.to_string(),
+                    peers,
+                    delta: true,
+                    removed_peers,
+                }
+            }
+            _ => pb::NetworkConfig {
+                subnet: own_subnet.clone(),
+                cluster_cidr: self.config.cluster_cidr.to_string(),
+                peers: nodes
+                    .iter()
+                    .filter(|(node, (_, address))| **node != state.name && !address.is_empty())
+                    .map(|(node, entry)| route(node, entry))
+                    .collect(),
+                delta: false,
+                removed_peers: Vec::new(),
+            },
+        };
+        state.network = Some((version, own_subnet.clone()));
         send(out, ToAgent::Network(config)).await
     }
 
@@ -1404,6 +1537,50 @@ mod tests {
 
     use super::test_support::*;
     use super::*;
+
+    #[test]
+    fn the_network_table_logs_which_nodes_changed() {
+        let mut view = View::default();
+        let node = |subnet: &str, address: &str| crate::cache::Versioned {
+            value: NodeRecord {
+                subnet: Some(subnet.into()),
+                address: address.into(),
+                ..NodeRecord::default()
+            },
+            mod_revision: 1,
+        };
+        let mut table = NetworkTable::default();
+        view.nodes
+            .insert("a".into(), node("10.88.0.0/24", "10.0.0.1"));
+        view.membership = 1;
+        table.refresh(&view);
+        assert_eq!(table.version, 1);
+        view.nodes
+            .insert("b".into(), node("10.88.1.0/24", "10.0.0.2"));
+        view.membership = 2;
+        table.refresh(&view);
+        // A membership change that changes no route (a node turning NotReady) is no version.
+        view.membership = 3;
+        table.refresh(&view);
+        assert_eq!(table.version, 2);
+        view.nodes.remove("a");
+        view.membership = 4;
+        table.refresh(&view);
+        assert_eq!(table.changes_since(3), Some(BTreeSet::new()));
+        assert_eq!(
+            table.changes_since(1),
+            Some(["a".to_owned(), "b".to_owned()].into())
+        );
+        assert_eq!(table.changes_since(2), Some(["a".to_owned()].into()));
+        // Further behind than the log reaches: the complete list instead.
+        for n in 0..NETWORK_LOG as u64 + 1 {
+            view.nodes
+                .insert(format!("n{n}"), node("10.88.9.0/24", "10.0.0.9"));
+            view.membership = 10 + n;
+            table.refresh(&view);
+        }
+        assert_eq!(table.changes_since(1), None);
+    }
     use crate::model::Liveness;
     use crate::store::LeaseId;
 

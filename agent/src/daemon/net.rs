@@ -86,6 +86,9 @@ impl NodeNetwork {
             subnet,
             cluster_cidr: _,
             peers,
+            // The session resolves deltas into complete lists before this.
+            delta: _,
+            removed_peers: _,
         } = config;
         let peers = peers
             .into_iter()
@@ -493,6 +496,7 @@ mod tests {
                     address: "node-d.example".into(),
                 },
             ],
+            ..pb::NetworkConfig::default()
         });
         assert_eq!(n.subnet, Some("10.88.1.0/24".parse().unwrap()));
         assert_eq!(

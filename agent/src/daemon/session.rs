@@ -74,6 +74,7 @@ pub async fn run(
         latest: restored.into_iter().map(|s| (s.id.clone(), s)).collect(),
         desired,
         network,
+        peer_routes: BTreeMap::new(),
         applied: 0,
         rng: seed(),
     };
@@ -160,6 +161,9 @@ struct Session {
     latest: BTreeMap<String, Status>,
     desired: watch::Sender<Option<Desired>>,
     network: watch::Sender<Option<NodeNetwork>>,
+    /// The other nodes' routes as the scheduler last listed them, by node (the base that
+    /// `delta` network messages change).
+    peer_routes: BTreeMap<String, pb::PeerRoute>,
     applied: i64,
     rng: u64,
 }
@@ -349,6 +353,7 @@ impl Session {
                 });
             }
             FromScheduler::Network(config) => {
+                let config = apply_network(&mut self.peer_routes, config);
                 self.network
                     .send_replace(Some(NodeNetwork::from_pb(config)));
             }
@@ -359,6 +364,30 @@ impl Session {
                 // Handled by the session's relays before `receive`.
             }
         }
+    }
+}
+
+/// Applies a `network` message to the routes last listed (`peers`, by node) and returns the
+/// complete network it describes: a full message replaces the list, a `delta` changes it.
+fn apply_network(
+    peers: &mut BTreeMap<String, pb::PeerRoute>,
+    config: pb::NetworkConfig,
+) -> pb::NetworkConfig {
+    if !config.delta {
+        peers.clear();
+    }
+    for node in &config.removed_peers {
+        peers.remove(node);
+    }
+    for route in config.peers {
+        peers.insert(route.node.clone(), route);
+    }
+    pb::NetworkConfig {
+        subnet: config.subnet,
+        cluster_cidr: config.cluster_cidr,
+        peers: peers.values().cloned().collect(),
+        delta: false,
+        removed_peers: Vec::new(),
     }
 }
 
@@ -407,4 +436,63 @@ async fn sleep_until(at: Option<Instant>) {
 /// Returns once `shutdown` turns true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(node: &str, subnet: &str) -> pb::PeerRoute {
+        pb::PeerRoute {
+            node: node.into(),
+            subnet: subnet.into(),
+            address: format!("192.168.0.{}", node.len()),
+        }
+    }
+
+    fn nodes(config: &pb::NetworkConfig) -> Vec<(&str, &str)> {
+        config
+            .peers
+            .iter()
+            .map(|p| (p.node.as_str(), p.subnet.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn network_deltas_change_the_last_complete_list() {
+        let mut peers = BTreeMap::new();
+        let full = apply_network(
+            &mut peers,
+            pb::NetworkConfig {
+                subnet: "10.88.0.0/24".into(),
+                peers: vec![route("b", "10.88.1.0/24"), route("c", "10.88.2.0/24")],
+                ..pb::NetworkConfig::default()
+            },
+        );
+        assert_eq!(nodes(&full), [("b", "10.88.1.0/24"), ("c", "10.88.2.0/24")]);
+        let changed = apply_network(
+            &mut peers,
+            pb::NetworkConfig {
+                subnet: "10.88.0.0/24".into(),
+                peers: vec![route("d", "10.88.3.0/24"), route("b", "10.88.9.0/24")],
+                delta: true,
+                removed_peers: vec!["c".into()],
+                ..pb::NetworkConfig::default()
+            },
+        );
+        assert!(!changed.delta);
+        assert_eq!(
+            nodes(&changed),
+            [("b", "10.88.9.0/24"), ("d", "10.88.3.0/24")]
+        );
+        // A complete list again replaces everything.
+        let again = apply_network(
+            &mut peers,
+            pb::NetworkConfig {
+                peers: vec![route("e", "10.88.4.0/24")],
+                ..pb::NetworkConfig::default()
+            },
+        );
+        assert_eq!(nodes(&again), [("e", "10.88.4.0/24")]);
+    }
 }
