@@ -60,9 +60,10 @@
 //! hands it every logs/exec frame of its agent, without waiting on any client. A node without a
 //! subnet gets one of the cluster network at registration, in the registration's transaction
 //! ([`crate::network`]); the `welcome` carries it. After the assignment set the session sends
-//! `network` (the node's subnet, and every other node's subnet and address), and again whenever
-//! node records change the peers ([`Cache::membership`]; changes within [`NETWORK_COALESCE`]
-//! go out together).
+//! `network` (the node's subnet, and every other node's subnet and address), then deltas whenever
+//! node records change the peers: one task per process rebuilds a table of every node's route
+//! at most once per [`NETWORK_COALESCE`] and logs which nodes changed; each session sends its
+//! agent the changes since its last message (the complete list when it is too far behind).
 //!
 //! # Serving
 //!
@@ -284,7 +285,8 @@ impl SessionService {
                 registrations: Semaphore::new(REGISTRATIONS_IN_FLIGHT),
                 pending_subnets: Mutex::new(BTreeSet::new()),
                 subnet_cursor: AtomicU64::new(0),
-                networks: Mutex::new(NetworkTable::default()),
+                networks: Arc::new(Mutex::new(NetworkTable::default())),
+                network_versions: OnceLock::new(),
                 writer: OnceLock::new(),
                 live: OnceLock::new(),
                 relays: Relays::new(config_identity),
@@ -351,7 +353,10 @@ struct Shared {
     /// Where the next subnet search starts: after this replica's last pick.
     subnet_cursor: AtomicU64,
     /// Every node's network, built once per change for all sessions.
-    networks: Mutex<NetworkTable>,
+    networks: Arc<Mutex<NetworkTable>>,
+    /// The network table's version, published by its maintainer (started by the first
+    /// session).
+    network_versions: OnceLock<watch::Receiver<u64>>,
 }
 
 /// One status put, encoded.
@@ -389,6 +394,24 @@ struct NodeState {
     relays: NodeRelays,
     /// The network as last sent: the table's version, and the node's own subnet.
     network: Option<(u64, String)>,
+}
+
+/// Rebuilds `table` from the cache whenever nodes change, at most once per
+/// [`NETWORK_COALESCE`], and publishes its version.
+async fn maintain_networks(cache: Cache, table: Arc<Mutex<NetworkTable>>, tx: watch::Sender<u64>) {
+    let mut membership = cache.membership();
+    loop {
+        {
+            let mut table = table.lock().expect("network table lock");
+            table.refresh(&cache.read());
+            let version = table.version;
+            tx.send_if_modified(|v| std::mem::replace(v, version) != version);
+        }
+        if membership.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(NETWORK_COALESCE).await;
+    }
 }
 
 /// Versions of the network table a session can catch up on with a `delta`; a session further
@@ -584,7 +607,7 @@ impl Shared {
             relays,
             network: None,
         };
-        let mut membership = self.cache.membership();
+        let mut network_versions = self.network_versions();
         self.record_statuses(&mut state, registration.instances)
             .await;
 
@@ -610,11 +633,10 @@ impl Shared {
         if !send(out, ToAgent::Assignments(set)).await {
             return Ok(());
         }
-        membership.mark_unchanged();
+        network_versions.mark_unchanged();
         if !self.send_network(&mut state, out).await {
             return Ok(());
         }
-        let mut network_due: Option<tokio::time::Instant> = None;
 
         loop {
             tokio::select! {
@@ -637,11 +659,7 @@ impl Shared {
                         return Ok(());
                     }
                 }
-                Ok(()) = membership.changed(), if network_due.is_none() => {
-                    network_due = Some(tokio::time::Instant::now() + NETWORK_COALESCE);
-                }
-                () = sleep_until(network_due) => {
-                    network_due = None;
+                Ok(()) = network_versions.changed() => {
                     if !self.send_network(&mut state, out).await {
                         return Ok(());
                     }
@@ -856,6 +874,23 @@ impl Shared {
         }
     }
 
+    /// The network table's versions; the first call starts the task that rebuilds the table
+    /// when nodes change (at most once per [`NETWORK_COALESCE`]), so that a registration storm
+    /// costs one rebuild per window in the process, not one per session.
+    fn network_versions(&self) -> watch::Receiver<u64> {
+        self.network_versions
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(0);
+                tokio::spawn(maintain_networks(
+                    self.cache.clone(),
+                    self.networks.clone(),
+                    tx,
+                ));
+                rx
+            })
+            .clone()
+    }
+
     fn writer(&self) -> &mpsc::Sender<Vec<StatusWrite>> {
         self.writer.get_or_init(|| {
             let (tx, rx) = mpsc::channel(STATUS_QUEUE);
@@ -870,7 +905,9 @@ impl Shared {
     async fn send_network(&self, state: &mut NodeState, out: &Outbound) -> bool {
         let (version, nodes, changes) = {
             let mut table = self.networks.lock().expect("network table lock");
-            table.refresh(&self.cache.read());
+            if table.membership.is_none() {
+                table.refresh(&self.cache.read());
+            }
             let changes = state
                 .network
                 .as_ref()
@@ -945,14 +982,6 @@ impl Shared {
             removals,
         };
         send(out, ToAgent::AssignmentDelta(delta)).await
-    }
-}
-
-/// Sleeps until `at`; forever when there is none.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
