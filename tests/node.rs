@@ -42,35 +42,7 @@ fn services_jobs_restarts_and_live_restore_on_a_real_node() {
     let cluster = Cluster::start(0);
     let (data, mut agent) = start_node(&cluster, IMAGE);
     let limit = Duration::from_secs(30);
-    wait(&agent, "the node is Ready", limit, || {
-        let nodes = cluster.json(&["get", "nodes", "-o", "json"]);
-        nodes["items"][0]["status"] == "Ready"
-    });
-
-    // A Service of 3 → 3 running containers, each Ready.
-    let service = |replicas: u32| {
-        format!(
-            "kind: Service\nname: web\nreplicas: {replicas}\nimage: {IMAGE}\n\
-             command: [sleep, '3600']\nstopGracePeriod: 1s\n"
-        )
-    };
-    apply(&cluster, "web", &service(3));
-    wait(&agent, "3 instances Ready", limit, || {
-        ready_ids(&cluster, "web").len() == 3
-    });
-    assert_eq!(agent.containers(), ready_ids(&cluster, "web"));
-
-    // Scale to 5, then to 1.
-    cluster.run(&["scale", "web", "5"]).ok();
-    wait(&agent, "5 instances Ready", limit, || {
-        ready_ids(&cluster, "web").len() == 5 && agent.containers().len() == 5
-    });
-    cluster.run(&["scale", "web", "1"]).ok();
-    wait(&agent, "1 instance left", limit, || {
-        instances(&cluster, "web").len() == 1 && agent.containers().len() == 1
-    });
-    let survivor = ready_ids(&cluster, "web");
-    assert_eq!(agent.containers(), survivor);
+    let survivor = service_scaled_3_5_1(&cluster, &agent, "web", limit);
 
     // kill -9 the agent: the container keeps running; a new agent adopts it — same id, no
     // restart, nothing re-placed — and its status never leaves Ready.
@@ -144,33 +116,47 @@ fn a_service_with_its_state_in_real_etcd() {
     };
     let (data, mut agent) = start_node(&cluster, IMAGE);
     let limit = Duration::from_secs(30);
-    wait(&agent, "the node is Ready", limit, || {
+    service_scaled_3_5_1(&cluster, &agent, "web-etcd", limit);
+    cluster.run(&["delete", "workload", "web-etcd"]).ok();
+    wait_all_removed(&agent, &data, limit);
+    agent.kill();
+}
+
+/// Waits for the node to be Ready, then runs a Service `name` of 3 replicas (3 Ready containers)
+/// and scales it to 5, then to 1; returns the id of the instance left, whose container is the
+/// only one on the node.
+fn service_scaled_3_5_1(
+    cluster: &Cluster,
+    agent: &Agent,
+    name: &str,
+    limit: Duration,
+) -> Vec<String> {
+    wait(agent, "the node is Ready", limit, || {
         let nodes = cluster.json(&["get", "nodes", "-o", "json"]);
         nodes["items"][0]["status"] == "Ready"
     });
     let service = |replicas: u32| {
         format!(
-            "kind: Service\nname: web-etcd\nreplicas: {replicas}\nimage: {IMAGE}\n\
+            "kind: Service\nname: {name}\nreplicas: {replicas}\nimage: {IMAGE}\n\
              command: [sleep, '3600']\nstopGracePeriod: 1s\n"
         )
     };
-    apply(&cluster, "web-etcd", &service(3));
-    wait(&agent, "3 instances Ready", limit, || {
-        ready_ids(&cluster, "web-etcd").len() == 3
+    apply(cluster, name, &service(3));
+    wait(agent, "3 instances Ready", limit, || {
+        ready_ids(cluster, name).len() == 3
     });
-    assert_eq!(agent.containers(), ready_ids(&cluster, "web-etcd"));
-    cluster.run(&["scale", "web-etcd", "5"]).ok();
-    wait(&agent, "5 instances Ready", limit, || {
-        ready_ids(&cluster, "web-etcd").len() == 5 && agent.containers().len() == 5
+    assert_eq!(agent.containers(), ready_ids(cluster, name));
+    cluster.run(&["scale", name, "5"]).ok();
+    wait(agent, "5 instances Ready", limit, || {
+        ready_ids(cluster, name).len() == 5 && agent.containers().len() == 5
     });
-    cluster.run(&["scale", "web-etcd", "1"]).ok();
-    wait(&agent, "1 instance left", limit, || {
-        instances(&cluster, "web-etcd").len() == 1 && agent.containers().len() == 1
+    cluster.run(&["scale", name, "1"]).ok();
+    wait(agent, "1 instance left", limit, || {
+        instances(cluster, name).len() == 1 && agent.containers().len() == 1
     });
-    assert_eq!(agent.containers(), ready_ids(&cluster, "web-etcd"));
-    cluster.run(&["delete", "workload", "web-etcd"]).ok();
-    wait_all_removed(&agent, &data, limit);
-    agent.kill();
+    let survivor = ready_ids(cluster, name);
+    assert_eq!(agent.containers(), survivor);
+    survivor
 }
 
 /// Waits until the node holds no container, rootfs mount or instance status. Removal goes
