@@ -36,6 +36,10 @@ struct Args {
     /// Replicas per Service.
     #[arg(long, default_value_t = 10)]
     replicas: usize,
+    /// Seconds to wait after the nodes registered, before submitting: the routes of the last
+    /// nodes to join still fan out to every session for about a second after they register.
+    #[arg(long, default_value_t = 0)]
+    settle_secs: u64,
     /// Applies in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -100,6 +104,8 @@ async fn main() -> Result<()> {
         args.nodes,
         started.elapsed()
     );
+
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
 
     // Submit and watch.
     let from = store.current_revision().await? + 1;
