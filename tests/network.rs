@@ -24,7 +24,7 @@ use std::time::Duration;
 use gantry_agent::network::routes::RouteTable;
 use serde_json::Value;
 use support::Cluster;
-use support::node::{Agent, apply, can_run, instances, start_node, wait};
+use support::node::{Agent, apply, can_run, containers_in, instances, start_node, wait};
 
 const IMAGE: &str = "gantry.test/busybox:net";
 const PLUGINS: &str = "/usr/lib/cni";
@@ -417,15 +417,7 @@ impl HostAgent {
     }
 
     fn containers(&self) -> Vec<String> {
-        std::fs::read_dir(self.data.join("runtime/containers"))
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|name| !name.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default()
+        containers_in(&self.data)
     }
 }
 

@@ -168,19 +168,23 @@ impl Agent {
 
     /// Ids of the containers the runtime holds.
     pub fn containers(&self) -> Vec<String> {
-        let dir = self.data.join("runtime/containers");
-        let mut ids: Vec<String> = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|name| !name.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        ids.sort();
-        ids
+        containers_in(&self.data)
     }
+}
+
+/// Ids of the containers the runtime of the agent on data dir `data` holds, sorted.
+pub fn containers_in(data: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(data.join("runtime/containers"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
 }
 
 impl Drop for Agent {
