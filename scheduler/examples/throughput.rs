@@ -36,8 +36,7 @@ struct Args {
     /// Replicas per Service.
     #[arg(long, default_value_t = 10)]
     replicas: usize,
-    /// Seconds to wait after the nodes registered, before submitting: the routes of the last
-    /// nodes to join still fan out to every session for about a second after they register.
+    /// Seconds to wait after every node has its routes, before submitting.
     #[arg(long, default_value_t = 0)]
     settle_secs: u64,
     /// Applies in flight at once.
@@ -105,6 +104,16 @@ async fn main() -> Result<()> {
         started.elapsed()
     );
 
+    // Every node is told a route to every other node (host-gateway routing): wait until the
+    // routes reached every agent, so that placements are measured on a settled cluster.
+    let peers = (args.nodes - 1) as u64;
+    while agents.iter().any(|a| a.peers() < peers) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "routes to every peer on every node after {:.2?}",
+        started.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
 
     // Submit and watch.

@@ -18,6 +18,7 @@ use crate::model::{
     self, InstanceRecord, InstanceStatus, Liveness, NodeRecord, RevisionRecord, WorkloadRecord,
     WorkloadStatus, keys,
 };
+use crate::network::SubnetIndex;
 use crate::store::{EventKind, KeyValue, Revision, Store, StoreError};
 
 /// A record with the store revision it was last written at (for compare-and-swap).
@@ -53,6 +54,8 @@ pub struct View {
     /// Counts changes to node records and live keys: equal counts mean the same nodes with
     /// the same liveness, so a reader can skip looking at every node again.
     pub membership: u64,
+    /// Node subnets claimed or held, for allocating the next one.
+    pub subnets: SubnetIndex,
 }
 
 impl View {
@@ -164,10 +167,18 @@ impl View {
             touched.any_node = true;
             touched.nodes.push(name.to_owned());
             if put && let Some(value) = parse::<NodeRecord>(&key, &kv.value) {
+                self.subnets.apply_node(name, value.subnet.as_deref());
                 self.nodes.insert(name.to_owned(), versioned(value, kv));
             } else {
+                self.subnets.apply_node(name, None);
                 self.nodes.remove(name);
             }
+        } else if let Some(subnet) = key.strip_prefix(keys::SUBNETS) {
+            let holder = put.then(|| {
+                let node = String::from_utf8_lossy(&kv.value).into_owned();
+                (node, kv.mod_revision)
+            });
+            self.subnets.apply_claim(subnet, holder);
         } else if let Some(name) = key.strip_prefix(keys::LIVE) {
             self.membership += 1;
             touched.any_node = true;

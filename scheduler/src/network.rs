@@ -10,16 +10,17 @@
 //! picks again. A claim whose node record is gone (a removed node) is free again, reclaimed under
 //! a compare on both keys.
 //!
-//! Everything here is pure: the session does the store work.
+//! Everything here is pure: the cache keeps the [`SubnetIndex`] current and the session does
+//! the store work.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use crate::cache::View;
-use crate::model::{NodeRecord, keys};
-use crate::store::{Compare, Op, Revision, Store, StoreError};
+use crate::model::keys;
+use crate::store::{Compare, Op, Revision};
 
 /// The default cluster network.
 pub const DEFAULT_CLUSTER_CIDR: &str = "10.88.0.0/16";
@@ -140,103 +141,122 @@ pub fn allocate(
     taken: &BTreeSet<Cidr>,
     start: u64,
 ) -> Result<(Cidr, u64), AllocError> {
+    allocate_where(cluster, start, |c| overlaps_any(c, taken)).ok_or_else(|| {
+        AllocError::Exhausted {
+            cluster,
+            node: node.to_owned(),
+            taken: taken.iter().filter(|t| cluster.contains(t)).count(),
+        }
+    })
+}
+
+/// The first /24 of `cluster` from the `start`-th on (wrapping around) that `is_taken` does not
+/// refuse, with its index.
+fn allocate_where(
+    cluster: Cidr,
+    start: u64,
+    is_taken: impl Fn(&Cidr) -> bool,
+) -> Option<(Cidr, u64)> {
     let count: u64 = 1 << (NODE_PREFIX - cluster.prefix.min(NODE_PREFIX));
     let base = u32::from(cluster.addr);
-    for k in 0..count {
+    (0..count).find_map(|k| {
         let i = (start.wrapping_add(k)) % count;
         let step = u32::try_from(i).unwrap_or(u32::MAX) << (32 - u32::from(NODE_PREFIX));
         let candidate = Cidr {
             addr: Ipv4Addr::from(base | step),
             prefix: NODE_PREFIX,
         };
-        if !overlaps_any(&candidate, taken) {
-            return Ok((candidate, i));
-        }
-    }
-    Err(AllocError::Exhausted {
-        cluster,
-        node: node.to_owned(),
-        taken: taken.iter().filter(|t| cluster.contains(t)).count(),
+        (!is_taken(&candidate)).then_some((candidate, i))
     })
 }
 
-/// Whether `candidate` overlaps a network of `taken`: one that starts inside it, or one of
-/// its supernets (O(prefix · log n) lookups, not a scan).
-fn overlaps_any(candidate: &Cidr, taken: &BTreeSet<Cidr>) -> bool {
+/// The networks inside `candidate`, as a range of a sorted set or map.
+fn inside(candidate: &Cidr) -> std::ops::RangeInclusive<Cidr> {
     let first = u32::from(candidate.addr);
     let last = first | !mask(candidate.prefix);
-    let inside = Cidr {
+    Cidr {
         addr: Ipv4Addr::from(first),
         prefix: 0,
     }..=Cidr {
         addr: Ipv4Addr::from(last),
         prefix: 32,
-    };
-    taken.range(inside).next().is_some()
-        || (0..candidate.prefix)
-            .any(|p| Cidr::new(candidate.addr, p).is_some_and(|supernet| taken.contains(&supernet)))
+    }
 }
 
-/// Another node, as a route target.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Peer {
-    /// Its name.
-    pub node: String,
-    /// Its subnet.
-    pub subnet: String,
-    /// Its address.
-    pub address: String,
+/// `candidate`'s strict supernets.
+fn supernets(candidate: &Cidr) -> impl Iterator<Item = Cidr> + '_ {
+    (0..candidate.prefix).filter_map(|p| Cidr::new(candidate.addr, p))
 }
 
-/// What a node is told about the network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeNetwork {
-    /// Its own subnet.
-    pub subnet: String,
-    /// The cluster network.
-    pub cluster: Cidr,
-    /// Every other node that has a subnet and an address, by name.
-    pub peers: Vec<Peer>,
+/// Whether `candidate` overlaps a network of `taken`: one that starts inside it, or one of
+/// its supernets (O(prefix · log n) lookups, not a scan).
+fn overlaps_any(candidate: &Cidr, taken: &BTreeSet<Cidr>) -> bool {
+    taken.range(inside(candidate)).next().is_some()
+        || supernets(candidate).any(|s| taken.contains(&s))
 }
 
-/// The network of node `name` from the node records, `None` while it has no subnet.
-pub fn node_network<'a>(
-    name: &str,
-    cluster: Cidr,
-    nodes: impl IntoIterator<Item = (&'a String, &'a NodeRecord)>,
-) -> Option<NodeNetwork> {
-    let mut own = None;
-    let mut peers = Vec::new();
-    for (node, record) in nodes {
-        let Some(subnet) = &record.subnet else {
-            continue;
+/// The entries of `map` whose network overlaps `candidate`.
+fn overlapping<'a, V>(
+    candidate: &'a Cidr,
+    map: &'a BTreeMap<Cidr, V>,
+) -> impl Iterator<Item = (&'a Cidr, &'a V)> + 'a {
+    map.range(inside(candidate))
+        .chain(supernets(candidate).filter_map(|s| map.get_key_value(&s)))
+}
+
+/// The subnets a replica's view knows of, indexed for allocation: the claim keys and the
+/// subnets node records hold. The cache keeps it current from its watch, so a registration
+/// picks a subnet in O(log n) without reading the store (its transaction checks the pick).
+#[derive(Debug, Clone, Default)]
+pub struct SubnetIndex {
+    /// Claim keys: subnet → (its node, the key's mod revision).
+    claims: BTreeMap<Cidr, (String, Revision)>,
+    /// Node → the subnet its claim key names.
+    claim_of: HashMap<String, Cidr>,
+    /// Subnets held by node records → node (records written before claims existed have no
+    /// claim key; they count as taken too).
+    held: BTreeMap<Cidr, String>,
+    /// Node → the subnet its record holds.
+    held_by: HashMap<String, Cidr>,
+}
+
+impl SubnetIndex {
+    /// Applies a put (`Some`) or delete (`None`) of the claim key whose name part is
+    /// `key_form` (`10.88.3.0-24`); keys that do not parse are ignored.
+    pub fn apply_claim(&mut self, key_form: &str, holder: Option<(String, Revision)>) {
+        let Ok(subnet) = key_form.replace('-', "/").parse::<Cidr>() else {
+            return;
         };
-        if node == name {
-            own = Some(subnet.clone());
-        } else if !record.address.is_empty() {
-            peers.push(Peer {
-                node: node.clone(),
-                subnet: subnet.clone(),
-                address: record.address.clone(),
-            });
+        if let Some((old, _)) = self.claims.remove(&subnet)
+            && self.claim_of.get(&old) == Some(&subnet)
+        {
+            self.claim_of.remove(&old);
+        }
+        if let Some((node, revision)) = holder {
+            self.claim_of.insert(node.clone(), subnet);
+            self.claims.insert(subnet, (node, revision));
         }
     }
-    peers.sort();
-    Some(NodeNetwork {
-        subnet: own?,
-        cluster,
-        peers,
-    })
-}
 
-/// The subnets the node records hold (unreadable ones left out), with their holders.
-pub fn held<'a>(
-    nodes: impl IntoIterator<Item = (&'a String, &'a NodeRecord)>,
-) -> BTreeMap<Cidr, String> {
-    nodes
-        .into_iter()
-        .filter_map(|(name, r)| Some((r.subnet.as_deref()?.parse().ok()?, name.clone())))
-        .collect()
+    /// Records that node `name`'s record holds `subnet` (`None`: no subnet, or no record).
+    pub fn apply_node(&mut self, name: &str, subnet: Option<&str>) {
+        if let Some(old) = self.held_by.remove(name)
+            && self.held.get(&old).is_some_and(|n| n == name)
+        {
+            self.held.remove(&old);
+        }
+        if let Some(subnet) = subnet.and_then(|s| s.parse::<Cidr>().ok()) {
+            self.held_by.insert(name.to_owned(), subnet);
+            self.held.insert(subnet, name.to_owned());
+        }
+    }
+
+    /// Subnets held or claimed inside `cluster`.
+    fn count_in(&self, cluster: Cidr) -> usize {
+        let mut all: BTreeSet<&Cidr> = self.claims.keys().collect();
+        all.extend(self.held.keys());
+        all.into_iter().filter(|c| cluster.contains(c)).count()
+    }
 }
 
 /// What a registration adds to its transaction to take a subnet.
@@ -252,109 +272,61 @@ pub struct Claim {
     pub ops: Vec<Op>,
 }
 
-/// Why a claim could not be prepared.
-#[derive(Debug, thiserror::Error)]
-pub enum ClaimError {
-    /// No subnet is free.
-    #[error(transparent)]
-    Exhausted(#[from] AllocError),
-    /// The claims could not be read.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// The nodes a replica's view knows at its revision, with their subnets.
-#[derive(Debug, Clone, Default)]
-pub struct Known {
-    /// The view's revision.
-    pub revision: Revision,
-    /// Node name → its subnet, if it has one.
-    pub nodes: BTreeMap<String, Option<String>>,
-}
-
-impl Known {
-    /// What `view` knows.
-    pub fn of(view: &View) -> Known {
-        Known {
-            revision: view.revision,
-            nodes: view
-                .nodes
-                .iter()
-                .map(|(n, v)| (n.clone(), v.value.subnet.clone()))
-                .collect(),
-        }
-    }
-}
-
-/// Picks a subnet for node `name` from the claims in the store and prepares the transaction
-/// parts that take it. `known` tells whose claims are orphaned: a claim is free again only when
-/// the view has seen its revision and its node is no longer there (and the transaction checks
-/// that the node's record is still absent). The caller retries on a failed transaction.
+/// Picks a subnet for node `name` from what `view` knows and prepares the transaction parts
+/// that take it; the caller retries when the transaction fails (the view was behind). A claim
+/// whose node record is gone is an orphan and free again: the transaction then checks that the
+/// claim is still the one read and that the node's record is still absent.
 ///
 /// `pending` are subnets this replica's registrations in flight have picked (their
 /// transactions not yet written): they are skipped, so concurrent registrations do not all
 /// pick the same subnet and fail but one. The search starts at the `start`-th /24 (the one
 /// after this replica's last pick).
-pub async fn claim(
-    store: &dyn Store,
-    known: &Known,
+pub fn claim(
+    view: &View,
     cluster: Cidr,
     name: &str,
     pending: &BTreeSet<Cidr>,
     start: u64,
-) -> Result<Claim, ClaimError> {
-    let (claims, _) = store.range(keys::SUBNETS.as_bytes(), None).await?;
-    let mut taken = BTreeSet::new();
-    let mut orphans: BTreeMap<Cidr, (String, Revision)> = BTreeMap::new();
-    for kv in claims {
-        let key = String::from_utf8_lossy(&kv.key);
-        let Some(subnet) = key
-            .strip_prefix(keys::SUBNETS)
-            .and_then(|k| k.replace('-', "/").parse::<Cidr>().ok())
-        else {
-            continue;
-        };
-        let holder = String::from_utf8_lossy(&kv.value).into_owned();
-        if holder == name {
-            // Taken by this node before (its record lost the subnet): it is still its own.
-            return Ok(Claim {
-                subnet,
-                index: None,
-                compares: vec![Compare::mod_revision(
-                    keys::subnet(&subnet.key_form()),
-                    kv.mod_revision,
-                )],
-                ops: Vec::new(),
-            });
-        }
-        let gone = kv.mod_revision <= known.revision && !known.nodes.contains_key(&holder);
-        if gone {
-            orphans.insert(subnet, (holder, kv.mod_revision));
-        } else {
-            taken.insert(subnet);
-        }
+) -> Result<Claim, AllocError> {
+    let index = &view.subnets;
+    if let Some(subnet) = index.claim_of.get(name) {
+        // Taken by this node before (its record lost the subnet): it is still its own.
+        let revision = index.claims.get(subnet).map_or(0, |(_, r)| *r);
+        return Ok(Claim {
+            subnet: *subnet,
+            index: None,
+            compares: vec![Compare::mod_revision(
+                keys::subnet(&subnet.key_form()),
+                revision,
+            )],
+            ops: Vec::new(),
+        });
     }
-    // Records holding a subnet without a claim (written before claims existed) count too.
-    taken.extend(
-        known
-            .nodes
-            .values()
-            .filter_map(|s| s.as_deref()?.parse::<Cidr>().ok()),
-    );
-    taken.extend(pending.iter().copied());
-    let (subnet, index) = allocate(cluster, name, &taken, start)?;
+    let is_taken = |candidate: &Cidr| {
+        overlaps_any(candidate, pending)
+            || overlapping(candidate, &index.held).next().is_some()
+            || overlapping(candidate, &index.claims).any(|(subnet, (holder, _))| {
+                // An orphan counts as free only when it is exactly the candidate.
+                subnet != candidate || view.nodes.contains_key(holder)
+            })
+    };
+    let (subnet, picked) =
+        allocate_where(cluster, start, is_taken).ok_or_else(|| AllocError::Exhausted {
+            cluster,
+            node: name.to_owned(),
+            taken: index.count_in(cluster),
+        })?;
     let key = keys::subnet(&subnet.key_form());
-    let mut compares = Vec::new();
-    match orphans.get(&subnet) {
-        Some((holder, revision)) => {
-            compares.push(Compare::mod_revision(key.clone(), *revision));
-            compares.push(Compare::mod_revision(keys::node(holder), 0));
-        }
-        None => compares.push(Compare::mod_revision(key.clone(), 0)),
-    }
+    let compares = match index.claims.get(&subnet) {
+        Some((holder, revision)) => vec![
+            Compare::mod_revision(key.clone(), *revision),
+            Compare::mod_revision(keys::node(holder), 0),
+        ],
+        None => vec![Compare::mod_revision(key.clone(), 0)],
+    };
     Ok(Claim {
         subnet,
-        index: Some(index),
+        index: Some(picked),
         compares,
         ops: vec![Op::put(key, name.as_bytes().to_vec())],
     })
@@ -363,6 +335,7 @@ pub async fn claim(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::NodeRecord;
 
     fn cidr(s: &str) -> Cidr {
         s.parse().unwrap()
@@ -475,35 +448,88 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
-    fn record(subnet: Option<&str>, address: &str) -> NodeRecord {
-        NodeRecord {
-            address: address.to_owned(),
-            subnet: subnet.map(str::to_owned),
-            ..NodeRecord::default()
+    fn node(subnet: Option<&str>) -> crate::cache::Versioned<NodeRecord> {
+        crate::cache::Versioned {
+            value: NodeRecord {
+                subnet: subnet.map(str::to_owned),
+                ..NodeRecord::default()
+            },
+            mod_revision: 1,
         }
     }
 
+    /// A view with node records (name, subnet) and claim keys (subnet key form, holder, rev).
+    fn view(nodes: &[(&str, Option<&str>)], claims: &[(&str, &str, Revision)]) -> View {
+        let mut view = View::default();
+        for (name, subnet) in nodes {
+            view.nodes.insert((*name).to_owned(), node(*subnet));
+            view.subnets.apply_node(name, *subnet);
+        }
+        for (key_form, holder, revision) in claims {
+            view.subnets
+                .apply_claim(key_form, Some(((*holder).to_owned(), *revision)));
+        }
+        view
+    }
+
     #[test]
-    fn a_node_is_told_its_subnet_and_every_other_nodes_route() {
-        let nodes: BTreeMap<String, NodeRecord> = [
-            ("a".to_owned(), record(Some("10.88.0.0/24"), "192.168.1.1")),
-            ("b".to_owned(), record(Some("10.88.1.0/24"), "192.168.1.2")),
-            ("c".to_owned(), record(None, "192.168.1.3")),
-            ("d".to_owned(), record(Some("10.88.2.0/24"), "")),
-        ]
-        .into();
+    fn a_claim_skips_held_claimed_and_pending_subnets() {
         let cluster = cidr("10.88.0.0/16");
-        let a = node_network("a", cluster, &nodes).unwrap();
-        assert_eq!(a.subnet, "10.88.0.0/24");
-        assert_eq!(
-            a.peers,
-            [Peer {
-                node: "b".into(),
-                subnet: "10.88.1.0/24".into(),
-                address: "192.168.1.2".into(),
-            }]
+        let view = view(
+            &[("a", Some("10.88.0.0/24")), ("b", None)],
+            &[("10.88.1.0-24", "b", 7)],
         );
-        assert!(node_network("c", cluster, &nodes).is_none());
-        assert_eq!(held(&nodes).len(), 3);
+        let pending = taken(&["10.88.2.0/24"]);
+        let claim = claim(&view, cluster, "c", &pending, 0).unwrap();
+        assert_eq!(claim.subnet, cidr("10.88.3.0/24"));
+        assert_eq!(claim.index, Some(3));
+        assert_eq!(
+            claim.compares,
+            [Compare::mod_revision(keys::subnet("10.88.3.0-24"), 0)]
+        );
+        assert_eq!(claim.ops.len(), 1);
+    }
+
+    #[test]
+    fn a_node_gets_its_own_claim_back_and_an_orphan_is_reclaimed() {
+        let cluster = cidr("10.88.0.0/16");
+        // b holds a claim but its record lost the subnet: the same subnet, checked unchanged.
+        let v = view(&[("b", None)], &[("10.88.1.0-24", "b", 7)]);
+        let own = claim(&v, cluster, "b", &BTreeSet::new(), 0).unwrap();
+        assert_eq!(own.subnet, cidr("10.88.1.0/24"));
+        assert_eq!(own.index, None);
+        assert!(own.ops.is_empty());
+        assert_eq!(
+            own.compares,
+            [Compare::mod_revision(keys::subnet("10.88.1.0-24"), 7)]
+        );
+        // gone's record was deleted: its claim is free, under a compare on both keys.
+        let v = view(&[], &[("10.88.0.0-24", "gone", 5)]);
+        let reclaimed = claim(&v, cluster, "n", &BTreeSet::new(), 0).unwrap();
+        assert_eq!(reclaimed.subnet, cidr("10.88.0.0/24"));
+        assert_eq!(
+            reclaimed.compares,
+            [
+                Compare::mod_revision(keys::subnet("10.88.0.0-24"), 5),
+                Compare::mod_revision(keys::node("gone"), 0),
+            ]
+        );
+        // Deleting the claim key and moving a node's subnet keep the index exact.
+        let mut v = view(&[("a", Some("10.88.0.0/24"))], &[("10.88.0.0-24", "a", 3)]);
+        v.subnets.apply_claim("10.88.0.0-24", None);
+        v.subnets.apply_node("a", Some("10.88.5.0/24"));
+        let next = claim(&v, cluster, "n", &BTreeSet::new(), 0).unwrap();
+        assert_eq!(next.subnet, cidr("10.88.0.0/24"));
+    }
+
+    #[test]
+    fn a_full_cluster_network_counts_what_is_taken() {
+        let cluster = cidr("10.88.0.0/23");
+        let v = view(&[("a", Some("10.88.0.0/24"))], &[("10.88.1.0-24", "b", 2)]);
+        let mut v = v;
+        v.nodes.insert("b".into(), node(Some("10.88.1.0/24")));
+        v.subnets.apply_node("b", Some("10.88.1.0/24"));
+        let err = claim(&v, cluster, "c", &BTreeSet::new(), 0).unwrap_err();
+        assert!(err.to_string().contains("(2 nodes hold one)"), "{err}");
     }
 }

@@ -101,7 +101,7 @@ use crate::api::convert;
 use crate::cache::{Cache, View};
 use crate::liveness::LiveKeys;
 use crate::model::{self, InstanceRecord, NodeRecord, RevisionRecord, Timestamp, keys};
-use crate::network::{self, Cidr, ClaimError};
+use crate::network::{self, Cidr};
 use crate::placement::Resources;
 use crate::relay::{Frame, NodeRelays, Relays};
 use crate::store::{Compare, Op, Revision, Store, StoreError};
@@ -218,15 +218,6 @@ pub enum SessionError {
     /// No node subnet is free.
     #[error(transparent)]
     Network(#[from] network::AllocError),
-}
-
-impl From<ClaimError> for SessionError {
-    fn from(err: ClaimError) -> Self {
-        match err {
-            ClaimError::Exhausted(err) => SessionError::Network(err),
-            ClaimError::Store(err) => SessionError::Store(err),
-        }
-    }
 }
 
 impl From<SessionError> for Status {
@@ -725,27 +716,26 @@ impl Shared {
             let mut compare = vec![Compare::mod_revision(key.clone(), expected)];
             let mut picked = None;
             if record.subnet.is_none() {
-                let known = network::Known::of(&self.cache.read());
-                let pending = self.pending_subnets.lock().expect("pending lock").clone();
-                let start = self.subnet_cursor.load(Ordering::Relaxed);
-                let claim = network::claim(
-                    &*self.store,
-                    &known,
-                    self.config.cluster_cidr,
-                    name,
-                    &pending,
-                    start,
-                )
-                .await?;
+                // Picked and marked pending under one lock, so that concurrent registrations
+                // of this replica never pick the same subnet.
+                let claim = {
+                    let mut pending = self.pending_subnets.lock().expect("pending lock");
+                    let start = self.subnet_cursor.load(Ordering::Relaxed);
+                    let claim = network::claim(
+                        &self.cache.read(),
+                        self.config.cluster_cidr,
+                        name,
+                        &pending,
+                        start,
+                    )?;
+                    pending.insert(claim.subnet);
+                    claim
+                };
                 info!(node = %name, subnet = %claim.subnet, "node subnet allocated");
                 record.subnet = Some(claim.subnet.to_string());
                 if let Some(index) = claim.index {
                     self.subnet_cursor.store(index + 1, Ordering::Relaxed);
                 }
-                self.pending_subnets
-                    .lock()
-                    .expect("pending lock")
-                    .insert(claim.subnet);
                 picked = Some(claim.subnet);
                 compare.extend(claim.compares);
                 ops.extend(claim.ops);

@@ -113,6 +113,9 @@ struct Shared {
     connected: watch::Sender<Option<String>>,
     paused: AtomicBool,
     sessions: AtomicU64,
+    /// Peer routes held: the last complete list plus the deltas since (a node changed twice
+    /// counts twice; the benchmark only needs to know when every peer arrived).
+    peers: AtomicU64,
 }
 
 impl SimAgent {
@@ -135,6 +138,7 @@ impl SimAgent {
             connected: watch::Sender::new(None),
             paused: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
+            peers: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let name = config.name.clone();
@@ -182,6 +186,11 @@ impl SimAgent {
     /// How many sessions welcomed the agent so far (1 + reconnections).
     pub fn sessions(&self) -> u64 {
         self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Peer routes received (see [`Shared::peers`]).
+    pub fn peers(&self) -> u64 {
+        self.shared.peers.load(Ordering::Relaxed)
     }
 
     /// Stops (or resumes) heartbeats while keeping the stream open, to simulate a node that
@@ -498,8 +507,18 @@ impl Agent {
                     self.pending.remove(&id);
                 }
             }
+            FromScheduler::Network(network) => {
+                let count = network.peers.len() as u64;
+                let removed = network.removed_peers.len() as u64;
+                let peers = &self.shared.peers;
+                if network.delta {
+                    let held = peers.load(Ordering::Relaxed);
+                    peers.store((held + count).saturating_sub(removed), Ordering::Relaxed);
+                } else {
+                    peers.store(count, Ordering::Relaxed);
+                }
+            }
             FromScheduler::Welcome(_)
-            | FromScheduler::Network(_)
             | FromScheduler::Logs(_)
             | FromScheduler::ExecStart(_)
             | FromScheduler::ExecInput(_)
