@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Shared between the sessions it is sent on (see `NetworkConfig.routes`).
+        .bytes(".gantry.v1.NetworkConfig.routes")
         .file_descriptor_set_path(out_dir.join("gantry_v1_descriptor.bin"))
         .compile_protos(PROTOS, &["proto"])?;
     Ok(())

@@ -412,7 +412,8 @@ const NETWORK_LOG: usize = 64;
 /// Every node's route target (its subnet and address), built once per change of the nodes for
 /// all the sessions of the process, with a log of which nodes each version changed: a session
 /// sends only the changes since its last `network` message, so that N nodes joining cost each
-/// session O(N) routes in all, not O(N) per message.
+/// session O(N) routes in all, not O(N) per message. The routes of a message are encoded once
+/// per (version, starting point) and shared by every session at that point.
 #[derive(Debug, Default)]
 struct NetworkTable {
     /// `View::membership` the table was built at.
@@ -420,9 +421,24 @@ struct NetworkTable {
     /// One more per change of content.
     version: u64,
     /// Node → (subnet, address), for nodes that have a subnet.
-    nodes: Arc<BTreeMap<String, (String, String)>>,
+    nodes: BTreeMap<String, (String, String)>,
     /// (version, the nodes it changed), oldest first.
     log: VecDeque<(u64, Vec<String>)>,
+    /// Messages of the current version, by the version they start from (`None`: the
+    /// complete list).
+    encoded: HashMap<Option<u64>, Arc<SharedNetwork>>,
+}
+
+/// The routes of one `network` message, encoded for every session it goes to.
+#[derive(Debug)]
+struct SharedNetwork {
+    /// An encoded `PeerRoutes`.
+    routes: prost::bytes::Bytes,
+    /// Nodes whose route is gone (deltas only).
+    removed: Vec<String>,
+    /// The nodes the message names, when it names exactly one (a session skips a delta that
+    /// only names its own node).
+    only: Option<String>,
 }
 
 impl NetworkTable {
@@ -455,7 +471,8 @@ impl NetworkTable {
             return;
         }
         self.version += 1;
-        self.nodes = Arc::new(nodes);
+        self.nodes = nodes;
+        self.encoded.clear();
         self.log.push_back((self.version, changed));
         while self.log.len() > NETWORK_LOG {
             self.log.pop_front();
@@ -463,7 +480,7 @@ impl NetworkTable {
     }
 
     /// The nodes changed after version `since`; `None` when the log does not reach back.
-    fn changes_since(&self, since: u64) -> Option<BTreeSet<String>> {
+    fn changes_since(&self, since: u64) -> Option<BTreeSet<&str>> {
         if since == self.version {
             return Some(BTreeSet::new());
         }
@@ -475,9 +492,57 @@ impl NetworkTable {
             self.log
                 .iter()
                 .filter(|(version, _)| *version > since)
-                .flat_map(|(_, nodes)| nodes.iter().cloned())
+                .flat_map(|(_, nodes)| nodes.iter().map(String::as_str))
                 .collect(),
         )
+    }
+
+    /// The message taking a session from version `since` (`None`: nothing sent yet) to the
+    /// current version, with whether it is a delta; encoded at most once per starting point.
+    fn message(&mut self, since: Option<u64>) -> (Arc<SharedNetwork>, bool) {
+        let changes = since.and_then(|since| self.changes_since(since));
+        let key = changes.is_some().then_some(since).flatten();
+        if let Some(shared) = self.encoded.get(&key) {
+            return (shared.clone(), key.is_some());
+        }
+        let route = |node: &str, (subnet, address): &(String, String)| pb::PeerRoute {
+            node: node.to_owned(),
+            subnet: subnet.clone(),
+            address: address.clone(),
+        };
+        let (peers, removed, only) = match &changes {
+            Some(changes) => {
+                let mut peers = Vec::new();
+                let mut removed = Vec::new();
+                for &node in changes {
+                    match self.nodes.get(node) {
+                        Some(entry) if !entry.1.is_empty() => peers.push(route(node, entry)),
+                        _ => removed.push(node.to_owned()),
+                    }
+                }
+                let only = (changes.len() == 1)
+                    .then(|| changes.iter().next().map(|n| (*n).to_owned()))
+                    .flatten();
+                (peers, removed, only)
+            }
+            None => (
+                self.nodes
+                    .iter()
+                    .filter(|(_, (_, address))| !address.is_empty())
+                    .map(|(node, entry)| route(node, entry))
+                    .collect(),
+                Vec::new(),
+                None,
+            ),
+        };
+        let routes = prost::Message::encode_to_vec(&pb::PeerRoutes { peers }).into();
+        let shared = Arc::new(SharedNetwork {
+            routes,
+            removed,
+            only,
+        });
+        self.encoded.insert(key, shared.clone());
+        (shared, key.is_some())
     }
 }
 
@@ -893,62 +958,39 @@ impl Shared {
     /// was last sent — the complete list first, then only what changed (`delta`); returns
     /// false when the agent's stream is gone.
     async fn send_network(&self, state: &mut NodeState, out: &Outbound) -> bool {
-        let (version, nodes, changes) = {
+        let (version, own_subnet, message) = {
             let mut table = self.networks.lock().expect("network table lock");
             if table.membership.is_none() {
                 table.refresh(&self.cache.read());
             }
-            let changes = state
+            let Some((own_subnet, _)) = table.nodes.get(&state.name) else {
+                // No subnet yet: nothing to say.
+                return true;
+            };
+            let own_subnet = own_subnet.clone();
+            let same_subnet = state.network.as_ref().map(|(_, s)| s) == Some(&own_subnet);
+            let since = state
                 .network
                 .as_ref()
-                .and_then(|(sent, _)| table.changes_since(*sent));
-            (table.version, table.nodes.clone(), changes)
+                .filter(|_| same_subnet)
+                .map(|(sent, _)| *sent);
+            (table.version, own_subnet, table.message(since))
         };
-        let Some((own_subnet, _)) = nodes.get(&state.name) else {
-            // No subnet yet: nothing to say.
-            return true;
-        };
-        let route = |node: &String, (subnet, address): &(String, String)| pb::PeerRoute {
-            node: node.clone(),
-            subnet: subnet.clone(),
-            address: address.clone(),
-        };
-        let same_subnet = state.network.as_ref().map(|(_, s)| s) == Some(own_subnet);
-        let config = match changes {
-            Some(changes) if same_subnet => {
-                let mut peers = Vec::new();
-                let mut removed_peers = Vec::new();
-                for node in changes.into_iter().filter(|n| *n != state.name) {
-                    match nodes.get(&node) {
-                        Some(entry) if !entry.1.is_empty() => peers.push(route(&node, entry)),
-                        _ => removed_peers.push(node),
-                    }
-                }
-                if peers.is_empty() && removed_peers.is_empty() {
-                    state.network = Some((version, own_subnet.clone()));
-                    return true;
-                }
-                pb::NetworkConfig {
-                    subnet: own_subnet.clone(),
-                    cluster_cidr: self.config.cluster_cidr.to_string(),
-                    peers,
-                    delta: true,
-                    removed_peers,
-                }
-            }
-            _ => pb::NetworkConfig {
-                subnet: own_subnet.clone(),
-                cluster_cidr: self.config.cluster_cidr.to_string(),
-                peers: nodes
-                    .iter()
-                    .filter(|(node, (_, address))| **node != state.name && !address.is_empty())
-                    .map(|(node, entry)| route(node, entry))
-                    .collect(),
-                delta: false,
-                removed_peers: Vec::new(),
-            },
-        };
+        let (shared, delta) = message;
+        let nothing_new = delta
+            && (shared.routes.is_empty() && shared.removed.is_empty()
+                || shared.only.as_deref() == Some(state.name.as_str()));
         state.network = Some((version, own_subnet.clone()));
+        if nothing_new {
+            return true;
+        }
+        let config = pb::NetworkConfig {
+            subnet: own_subnet,
+            cluster_cidr: self.config.cluster_cidr.to_string(),
+            delta,
+            removed_peers: shared.removed.clone(),
+            routes: shared.routes.clone(),
+        };
         send(out, ToAgent::Network(config)).await
     }
 
@@ -1586,11 +1628,8 @@ mod tests {
         view.membership = 4;
         table.refresh(&view);
         assert_eq!(table.changes_since(3), Some(BTreeSet::new()));
-        assert_eq!(
-            table.changes_since(1),
-            Some(["a".to_owned(), "b".to_owned()].into())
-        );
-        assert_eq!(table.changes_since(2), Some(["a".to_owned()].into()));
+        assert_eq!(table.changes_since(1), Some(["a", "b"].into()));
+        assert_eq!(table.changes_since(2), Some(["a"].into()));
         // Further behind than the log reaches: the complete list instead.
         for n in 0..NETWORK_LOG as u64 + 1 {
             view.nodes
@@ -1599,6 +1638,57 @@ mod tests {
             table.refresh(&view);
         }
         assert_eq!(table.changes_since(1), None);
+    }
+
+    #[test]
+    fn network_messages_are_encoded_once_per_starting_point() {
+        let node = |subnet: &str| crate::cache::Versioned {
+            value: NodeRecord {
+                subnet: Some(subnet.into()),
+                address: "10.0.0.1".into(),
+                ..NodeRecord::default()
+            },
+            mod_revision: 1,
+        };
+        let names = |shared: &SharedNetwork| {
+            <pb::PeerRoutes as prost::Message>::decode(shared.routes.clone())
+                .unwrap()
+                .peers
+                .into_iter()
+                .map(|p| p.node)
+                .collect::<Vec<_>>()
+        };
+        let mut view = View::default();
+        let mut table = NetworkTable::default();
+        view.nodes.insert("a".into(), node("10.88.0.0/24"));
+        view.membership = 1;
+        table.refresh(&view);
+        view.nodes.insert("b".into(), node("10.88.1.0/24"));
+        view.membership = 2;
+        table.refresh(&view);
+        // The complete list: every node, shared by every session that asks.
+        let (full, delta) = table.message(None);
+        assert!(!delta);
+        assert_eq!(names(&full), ["a", "b"]);
+        assert!(Arc::ptr_eq(&full, &table.message(None).0));
+        // From version 1: only b, and b is the only node named.
+        let (from1, delta) = table.message(Some(1));
+        assert!(delta);
+        assert_eq!(names(&from1), ["b"]);
+        assert_eq!(from1.only.as_deref(), Some("b"));
+        assert!(Arc::ptr_eq(&from1, &table.message(Some(1)).0));
+        // A new version drops the old encodings; a removed node is listed as removed.
+        view.nodes.remove("a");
+        view.membership = 3;
+        table.refresh(&view);
+        let (from2, _) = table.message(Some(2));
+        assert!(names(&from2).is_empty());
+        assert_eq!(from2.removed, ["a"]);
+        assert!(!Arc::ptr_eq(&full, &table.message(None).0));
+        // Too far behind the log (or never sent): the complete list.
+        let (unknown, delta) = table.message(Some(99));
+        assert!(!delta);
+        assert_eq!(names(&unknown), ["b"]);
     }
     use crate::model::Liveness;
     use crate::store::LeaseId;
@@ -2142,24 +2232,34 @@ mod tests {
         both.sort();
         assert_eq!(both, ["10.77.0.0/24", "10.77.1.0/24"]);
         // Each is told the other's subnet via its address (once the other is in its view).
-        let peers = |n: &pb::NetworkConfig| {
-            n.peers
-                .iter()
-                .map(|p| (p.node.clone(), p.subnet.clone(), p.address.clone()))
+        // Other nodes' routes (a message may name the receiving node itself too).
+        let peers = |n: &pb::NetworkConfig, own: &str| {
+            <pb::PeerRoutes as prost::Message>::decode(n.routes.clone())
+                .expect("routes decode")
+                .peers
+                .into_iter()
+                .filter(|p| p.node != own)
+                .map(|p| (p.node, p.subnet, p.address))
                 .collect::<Vec<_>>()
         };
         let mut net1 = n1.network().await;
-        while net1.peers.is_empty() {
+        while peers(&net1, "n1").is_empty() {
             net1 = n1.network().await;
         }
         assert_eq!(net1.subnet, s1);
         assert_eq!(net1.cluster_cidr, "10.77.0.0/23");
-        assert_eq!(peers(&net1), [("n2".into(), s2.clone(), "10.0.0.2".into())]);
+        assert_eq!(
+            peers(&net1, "n1"),
+            [("n2".into(), s2.clone(), "10.0.0.2".into())]
+        );
         let mut net2 = n2.network().await;
-        while net2.peers.is_empty() {
+        while peers(&net2, "n2").is_empty() {
             net2 = n2.network().await;
         }
-        assert_eq!(peers(&net2), [("n1".into(), s1.clone(), "10.0.0.1".into())]);
+        assert_eq!(
+            peers(&net2, "n2"),
+            [("n1".into(), s1.clone(), "10.0.0.1".into())]
+        );
         // A third node finds the cluster network full and is told what to do.
         let mut n3 = Agent::open(&a.addr, FromAgent::Register(register("n3"))).await;
         let status = n3.ended().await;

@@ -508,7 +508,7 @@ impl Agent {
                 }
             }
             FromScheduler::Network(network) => {
-                let count = network.peers.len() as u64;
+                let count = count_routes(&network.routes);
                 let removed = network.removed_peers.len() as u64;
                 let peers = &self.shared.peers;
                 if network.delta {
@@ -705,6 +705,29 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// The number of routes in an encoded `PeerRoutes`, counted on the wire without decoding them
+/// (thousands of simulated agents in one process would otherwise spend the benchmark's CPU
+/// decoding routes that real agents decode on their own machines). Stops at the first
+/// malformed entry.
+fn count_routes(mut wire: &[u8]) -> u64 {
+    use prost::encoding::{decode_key, decode_varint};
+    let mut count = 0;
+    while !wire.is_empty() {
+        let Ok((_, _)) = decode_key(&mut wire) else {
+            break;
+        };
+        let Ok(len) = decode_varint(&mut wire) else {
+            break;
+        };
+        let Some(rest) = usize::try_from(len).ok().and_then(|len| wire.get(len..)) else {
+            break;
+        };
+        wire = rest;
+        count += 1;
+    }
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,6 +736,24 @@ mod tests {
     use crate::store::Store;
 
     const TTL: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn routes_are_counted_on_the_wire() {
+        let route = |node: &str| pb::PeerRoute {
+            node: node.into(),
+            subnet: "10.88.1.0/24".into(),
+            address: "10.0.0.2".into(),
+        };
+        let wire = |peers| prost::Message::encode_to_vec(&pb::PeerRoutes { peers });
+        assert_eq!(count_routes(&wire(vec![])), 0);
+        assert_eq!(
+            count_routes(&wire(vec![route("a"), route("b"), route("c")])),
+            3
+        );
+        // Truncated: the whole entries before the cut.
+        let full = wire(vec![route("a"), route("b")]);
+        assert_eq!(count_routes(&full[..full.len() - 1]), 1);
+    }
 
     fn sim(name: &str) -> SimConfig {
         SimConfig {

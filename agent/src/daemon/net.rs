@@ -80,16 +80,9 @@ impl NodeNetwork {
         }
     }
 
-    /// From a `network` message. Unreadable entries are logged and left out.
-    pub fn from_pb(config: pb::NetworkConfig) -> NodeNetwork {
-        let pb::NetworkConfig {
-            subnet,
-            cluster_cidr: _,
-            peers,
-            // The session resolves deltas into complete lists before this.
-            delta: _,
-            removed_peers: _,
-        } = config;
+    /// From a `network` message resolved into the node's subnet and complete route list.
+    /// Unreadable entries are logged and left out.
+    pub fn from_routes(subnet: &str, peers: Vec<pb::PeerRoute>) -> NodeNetwork {
         let peers = peers
             .into_iter()
             .filter_map(|p| {
@@ -109,7 +102,7 @@ impl NodeNetwork {
             })
             .collect();
         NodeNetwork {
-            subnet: parse_subnet(&subnet, "network"),
+            subnet: parse_subnet(subnet, "network"),
             peers,
         }
     }
@@ -476,10 +469,9 @@ mod tests {
 
     #[test]
     fn network_messages_convert_and_skip_bad_entries() {
-        let n = NodeNetwork::from_pb(pb::NetworkConfig {
-            subnet: "10.88.1.7/24".into(),
-            cluster_cidr: "10.88.0.0/16".into(),
-            peers: vec![
+        let n = NodeNetwork::from_routes(
+            "10.88.1.7/24",
+            vec![
                 pb::PeerRoute {
                     node: "b".into(),
                     subnet: "10.88.2.0/24".into(),
@@ -496,8 +488,7 @@ mod tests {
                     address: "node-d.example".into(),
                 },
             ],
-            ..pb::NetworkConfig::default()
-        });
+        );
         assert_eq!(n.subnet, Some("10.88.1.0/24".parse().unwrap()));
         assert_eq!(
             n.peers,

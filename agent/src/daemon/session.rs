@@ -353,9 +353,16 @@ impl Session {
                 });
             }
             FromScheduler::Network(config) => {
-                let config = apply_network(&mut self.peer_routes, config);
-                self.network
-                    .send_replace(Some(NodeNetwork::from_pb(config)));
+                match apply_network(&mut self.peer_routes, &self.register.name, config) {
+                    Ok((subnet, peers)) => {
+                        self.network
+                            .send_replace(Some(NodeNetwork::from_routes(&subnet, peers)));
+                    }
+                    Err(err) => {
+                        // Routes stay as they were; the next complete list sets them right.
+                        warn!(%err, "network message with unreadable routes ignored");
+                    }
+                }
             }
             FromScheduler::Logs(_)
             | FromScheduler::ExecStart(_)
@@ -368,27 +375,26 @@ impl Session {
 }
 
 /// Applies a `network` message to the routes last listed (`peers`, by node) and returns the
-/// complete network it describes: a full message replaces the list, a `delta` changes it.
+/// node's subnet and every other node's route: a full message replaces the list, a `delta`
+/// changes it. The node's own entry (`own`) is skipped. Unreadable routes change nothing.
 fn apply_network(
     peers: &mut BTreeMap<String, pb::PeerRoute>,
+    own: &str,
     config: pb::NetworkConfig,
-) -> pb::NetworkConfig {
+) -> Result<(String, Vec<pb::PeerRoute>), prost::DecodeError> {
+    let routes = <pb::PeerRoutes as prost::Message>::decode(config.routes)?;
     if !config.delta {
         peers.clear();
     }
     for node in &config.removed_peers {
         peers.remove(node);
     }
-    for route in config.peers {
-        peers.insert(route.node.clone(), route);
+    for route in routes.peers {
+        if route.node != own {
+            peers.insert(route.node.clone(), route);
+        }
     }
-    pb::NetworkConfig {
-        subnet: config.subnet,
-        cluster_cidr: config.cluster_cidr,
-        peers: peers.values().cloned().collect(),
-        delta: false,
-        removed_peers: Vec::new(),
-    }
+    Ok((config.subnet, peers.values().cloned().collect()))
 }
 
 /// The agent's form of an assignment. A spec that does not convert is treated like a missing
@@ -450,49 +456,70 @@ mod tests {
         }
     }
 
-    fn nodes(config: &pb::NetworkConfig) -> Vec<(&str, &str)> {
-        config
-            .peers
+    fn nodes(routes: &[pb::PeerRoute]) -> Vec<(&str, &str)> {
+        routes
             .iter()
             .map(|p| (p.node.as_str(), p.subnet.as_str()))
             .collect()
     }
 
+    fn encoded(peers: Vec<pb::PeerRoute>) -> prost::bytes::Bytes {
+        prost::Message::encode_to_vec(&pb::PeerRoutes { peers }).into()
+    }
+
     #[test]
     fn network_deltas_change_the_last_complete_list() {
         let mut peers = BTreeMap::new();
-        let full = apply_network(
+        // The node's own entry ("a") is skipped.
+        let (subnet, full) = apply_network(
             &mut peers,
+            "a",
             pb::NetworkConfig {
                 subnet: "10.88.0.0/24".into(),
-                peers: vec![route("b", "10.88.1.0/24"), route("c", "10.88.2.0/24")],
+                routes: encoded(vec![
+                    route("a", "10.88.0.0/24"),
+                    route("b", "10.88.1.0/24"),
+                    route("c", "10.88.2.0/24"),
+                ]),
                 ..pb::NetworkConfig::default()
             },
-        );
+        )
+        .unwrap();
+        assert_eq!(subnet, "10.88.0.0/24");
         assert_eq!(nodes(&full), [("b", "10.88.1.0/24"), ("c", "10.88.2.0/24")]);
-        let changed = apply_network(
+        let (_, changed) = apply_network(
             &mut peers,
+            "a",
             pb::NetworkConfig {
                 subnet: "10.88.0.0/24".into(),
-                peers: vec![route("d", "10.88.3.0/24"), route("b", "10.88.9.0/24")],
+                routes: encoded(vec![route("d", "10.88.3.0/24"), route("b", "10.88.9.0/24")]),
                 delta: true,
                 removed_peers: vec!["c".into()],
                 ..pb::NetworkConfig::default()
             },
-        );
-        assert!(!changed.delta);
+        )
+        .unwrap();
         assert_eq!(
             nodes(&changed),
             [("b", "10.88.9.0/24"), ("d", "10.88.3.0/24")]
         );
+        // Unreadable routes change nothing.
+        let garbage = pb::NetworkConfig {
+            routes: prost::bytes::Bytes::from_static(&[0x0a, 0x7f]),
+            ..pb::NetworkConfig::default()
+        };
+        assert!(apply_network(&mut peers, "a", garbage).is_err());
+        assert_eq!(peers.len(), 2);
         // A complete list again replaces everything.
-        let again = apply_network(
+        let (_, again) = apply_network(
             &mut peers,
+            "a",
             pb::NetworkConfig {
-                peers: vec![route("e", "10.88.4.0/24")],
+                routes: encoded(vec![route("e", "10.88.4.0/24")]),
                 ..pb::NetworkConfig::default()
             },
-        );
+        )
+        .unwrap();
         assert_eq!(nodes(&again), [("e", "10.88.4.0/24")]);
     }
 }
