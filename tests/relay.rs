@@ -93,12 +93,22 @@ fn logs_exec_and_attached_run_through_the_scheduler() {
     assert!(time.ends_with('Z') && time.contains('T'), "{line}");
     assert_eq!(text, "line5");
 
+    // --since as a point in time: all of it from long ago, nothing from the future.
+    let old = cluster.run(&["logs", &id, "--since", "2000-01-01T00:00:00Z"]);
+    assert_eq!(old.ok(), all.stdout);
+    let future = cluster.run(&["logs", &id, "--since", "2999-01-01T00:00:00Z"]);
+    assert_eq!(future.ok(), "");
+
     // -f: a line written after the call started arrives.
     let mut follow = cluster.spawn(&["logs", "-f", &id]);
     follow.wait_for("the existing lines", |l| l == "line5");
     cluster.run(&["exec", &id, "--", "touch", "/tmp/go"]).ok();
     follow.wait_for("the line written while following", |l| l == "late");
     drop(follow);
+
+    // exec by workload name: one of its running instances.
+    let by_workload = cluster.run(&["exec", "printer", "--", "echo", "by-name"]);
+    assert_eq!(by_workload.ok(), "by-name\n");
 
     // exec: output on both streams and the command's exit code as the CLI's.
     let ran = cluster.run(&[

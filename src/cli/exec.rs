@@ -36,7 +36,8 @@ pub struct ExecArgs {
     /// User (`uid[:gid]` or name) to run as.
     #[arg(short = 'u', long)]
     pub user: Option<String>,
-    /// Instance id (see `gantry get instances`).
+    /// Instance id (see `gantry get instances`), or workload name: one of its running
+    /// instances, Ready ones first (as `kubectl exec deploy/NAME`).
     pub instance: String,
     /// Command and arguments, after `--`.
     #[arg(last = true, value_name = "CMD", required = true)]
@@ -58,8 +59,9 @@ pub async fn exec(ctx: &mut Ctx, args: ExecArgs) -> anyhow::Result<()> {
         }
     }
     let client = ctx.client().await?;
+    let instance_id = running_instance(&client, &args.instance).await?;
     let start = pb::ExecStart {
-        instance_id: args.instance.clone(),
+        instance_id,
         command: args.command.clone(),
         tty: args.tty,
         stdin: args.interactive,
@@ -70,6 +72,42 @@ pub async fn exec(ctx: &mut Ctx, args: ExecArgs) -> anyhow::Result<()> {
     };
     let code = attach(&client, start).await?;
     std::process::exit(code);
+}
+
+/// The instance `target` names: itself, or a running instance of the workload of that name
+/// (Ready first, then the oldest id).
+async fn running_instance(client: &Client, target: &str) -> anyhow::Result<String> {
+    let ids = super::logs::resolve(client, target).await?;
+    if ids.len() == 1 && ids[0] == target {
+        return Ok(target.to_owned());
+    }
+    let list = client
+        .instances()
+        .list(client.request(pb::ListInstancesRequest {
+            workload: target.into(),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|status| error::api(status, client.address()))?
+        .into_inner();
+    pick_running(&list.instances).ok_or_else(|| {
+        anyhow::anyhow!(
+            "workload {target} has no running instance to exec in; see `gantry get instances \
+             --workload {target}`"
+        )
+    })
+}
+
+/// A running instance of `instances`: Ready ones first, then by id.
+fn pick_running(instances: &[pb::Instance]) -> Option<String> {
+    let state = |i: &pb::Instance| i.status.as_ref().map_or(0, |s| s.state);
+    let ready = pb::InstanceState::Ready as i32;
+    let running = pb::InstanceState::Running as i32;
+    instances
+        .iter()
+        .filter(|i| !i.node.is_empty() && (state(i) == ready || state(i) == running))
+        .min_by_key(|i| (state(i) != ready, i.id.clone()))
+        .map(|i| i.id.clone())
 }
 
 /// Runs `start` attached to this process's stdio and returns the command's exit code.
@@ -200,5 +238,36 @@ impl Drop for RawMode {
     fn drop(&mut self) {
         use rustix::termios::{OptionalActions, tcsetattr};
         let _ = tcsetattr(std::io::stdin(), OptionalActions::Now, &self.saved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, node: &str, state: pb::InstanceState) -> pb::Instance {
+        pb::Instance {
+            id: id.into(),
+            node: node.into(),
+            status: Some(pb::InstanceStatus {
+                state: state as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exec_by_workload_picks_a_ready_instance_first() {
+        use pb::InstanceState::*;
+        let list = [
+            instance("web-3", "n1", Running),
+            instance("web-2", "n1", Ready),
+            instance("web-1", "", Pending),
+            instance("web-0", "n2", Exited),
+        ];
+        assert_eq!(pick_running(&list).as_deref(), Some("web-2"));
+        assert_eq!(pick_running(&list[..1]).as_deref(), Some("web-3"));
+        assert_eq!(pick_running(&list[2..]), None);
     }
 }

@@ -25,9 +25,10 @@ pub struct LogsArgs {
     /// Only the last N lines of each instance.
     #[arg(long, value_name = "N")]
     pub tail: Option<u32>,
-    /// Only output written within this long (`10m`, `1h30m`, `45`).
-    #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
-    pub since: Option<Duration>,
+    /// Only output written within this long (`10m`, `1h30m`, `45` seconds) or since this time
+    /// (RFC 3339: `2026-11-28T17:00:00Z`).
+    #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+    pub since: Option<Since>,
     /// Prefix each line with the time it was written (RFC 3339, UTC; lines written within a
     /// millisecond of each other share the first one's time).
     #[arg(long)]
@@ -42,10 +43,12 @@ pub async fn logs(ctx: &mut Ctx, args: LogsArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     let ids = resolve(&client, &args.target).await?;
     let prefix = ids.len() > 1;
-    let since = args.since.map(|d| {
-        SystemTime::now()
+    let since = args.since.map(|since| match since {
+        Since::Ago(d) => SystemTime::now()
             .checked_sub(d)
             .unwrap_or(SystemTime::UNIX_EPOCH)
+            .into(),
+        Since::At(time) => time,
     });
     let mut streams = tokio::task::JoinSet::new();
     for id in ids {
@@ -53,7 +56,7 @@ pub async fn logs(ctx: &mut Ctx, args: LogsArgs) -> anyhow::Result<()> {
             instance_id: id.clone(),
             tail_lines: args.tail,
             follow: args.follow,
-            since: since.map(Into::into),
+            since,
             stream: pb::LogStream::Unspecified as i32,
             previous: args.previous,
         };
@@ -67,6 +70,29 @@ pub async fn logs(ctx: &mut Ctx, args: LogsArgs) -> anyhow::Result<()> {
         done.context("a log stream failed")??;
     }
     Ok(())
+}
+
+/// `--since`: a duration back from now, or a point in time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Since {
+    /// This long ago.
+    Ago(Duration),
+    /// This time.
+    At(prost_types::Timestamp),
+}
+
+fn parse_since(text: &str) -> Result<Since, String> {
+    if let Ok(duration) = super::parse_duration(text) {
+        return Ok(Since::Ago(duration));
+    }
+    text.parse::<prost_types::Timestamp>()
+        .map(Since::At)
+        .map_err(|_| {
+            format!(
+                "{text:?} is neither a duration (10m, 1h30m, 45 seconds) nor an RFC 3339 time \
+                 (2026-11-28T17:00:00Z)"
+            )
+        })
 }
 
 /// The instance ids `target` names: the instance itself, or the placed instances of the
@@ -202,6 +228,24 @@ mod tests {
                 nanos: 5,
             }),
         }
+    }
+
+    #[test]
+    fn since_is_a_duration_or_a_time() {
+        assert_eq!(parse_since("10m"), Ok(Since::Ago(Duration::from_secs(600))));
+        assert_eq!(parse_since("45"), Ok(Since::Ago(Duration::from_secs(45))));
+        assert_eq!(
+            parse_since("2026-11-28T17:00:00Z"),
+            Ok(Since::At(prost_types::Timestamp {
+                seconds: 1_795_885_200,
+                nanos: 0,
+            }))
+        );
+        let err = parse_since("yesterday").unwrap_err();
+        assert!(
+            err.contains("RFC 3339") && err.contains("yesterday"),
+            "{err}"
+        );
     }
 
     #[test]
