@@ -56,9 +56,13 @@ impl Local {
     }
 
     fn gantry(&self, args: &[&str]) -> Output {
+        self.gantry_at(&format!("http://{}", self.listen), args)
+    }
+
+    fn gantry_at(&self, address: &str, args: &[&str]) -> Output {
         Command::new(binary("gantry"))
             .args(args)
-            .env("GANTRY_ADDR", format!("http://{}", self.listen))
+            .env("GANTRY_ADDR", address)
             .env_remove("GANTRY_CONFIG")
             .output()
             .expect("running gantry")
@@ -100,9 +104,14 @@ impl Local {
 
     /// The pids in the pid files.
     fn pids(&self) -> Vec<u32> {
-        ["scheduler", "agent"]
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir().join("run"))
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.retain(|f| f.extension().is_some_and(|e| e == "pid"));
+        files.sort();
+        files
             .iter()
-            .filter_map(|d| std::fs::read_to_string(self.dir().join(format!("run/{d}.pid"))).ok())
+            .filter_map(|f| std::fs::read_to_string(f).ok())
             .filter_map(|text| text.trim().parse().ok())
             .collect()
     }
@@ -127,11 +136,15 @@ impl Local {
     }
 
     fn logs(&self) -> String {
-        ["scheduler", "agent"]
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir().join("logs"))
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
             .iter()
-            .map(|d| {
-                let log = std::fs::read_to_string(self.dir().join(format!("logs/{d}.log")));
-                format!("--- {d} log:\n{}", log.unwrap_or_default())
+            .map(|f| {
+                let log = std::fs::read_to_string(f).unwrap_or_default();
+                format!("--- {}:\n{log}", f.display())
             })
             .collect()
     }
@@ -181,9 +194,20 @@ fn wait(local: &Local, what: &str, limit: Duration, mut check: impl FnMut() -> b
 fn up_twice_import_run_and_down_leaving_nothing_behind() {
     let local = Local::new();
     // A usage error needs no root: checked first.
-    let out = local.gantry(&["up", "--nodes", "3", "--data-dir", "/nonexistent"]);
+    let out = local.gantry(&["up", "--nodes", "0", "--data-dir", "/nonexistent"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least one node"));
+    let out = local.gantry(&[
+        "up",
+        "--nodes",
+        "2",
+        "--name",
+        "x",
+        "--data-dir",
+        "/nonexistent",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!Path::new("/nonexistent").exists());
     if !support::node::can_run("up") {
         return;
     }
@@ -266,4 +290,93 @@ fn up_twice_import_run_and_down_leaving_nothing_behind() {
     // Down again: nothing to do, and says so.
     let idle = ok(&local.down(false), "gantry down (again)", &local);
     assert!(idle.contains("not running"), "{idle}");
+}
+
+/// Whether the network interface `name` exists in this namespace.
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", name])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn up_with_two_nodes_in_network_namespaces_and_down_removing_them() {
+    if !support::node::can_run("up --nodes 2") {
+        return;
+    }
+    let local = Local::new();
+    let pid = std::process::id();
+    let prefix = format!("gup{}", pid % 10_000);
+    let net = format!("172.31.{}", 150 + pid % 50);
+    let port = local.listen.rsplit(':').next().expect("a port").to_owned();
+    let address = format!("http://{net}.1:{port}");
+    let dir = local.dir().to_str().expect("utf-8 dir").to_owned();
+    let up = || {
+        local.gantry(&[
+            "up",
+            "--nodes",
+            "2",
+            "--hosts-prefix",
+            &prefix,
+            "--hosts-net",
+            &net,
+            "--data-dir",
+            &dir,
+            "--listen",
+            &local.listen,
+            "--metrics-listen",
+            &local.metrics,
+        ])
+    };
+    let started = ok(&up(), "gantry up --nodes 2", &local);
+    assert!(
+        started.contains(&format!("nodes {prefix}-1, {prefix}-2 are Ready")),
+        "{started}"
+    );
+    assert!(
+        started.contains(&format!("export GANTRY_ADDR={address}")),
+        "{started}"
+    );
+    let pids = local.pids();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    for i in 1..=2 {
+        assert!(Path::new(&format!("/run/netns/{prefix}-{i}")).exists());
+    }
+
+    // The API answers on the hosts' bridge; both nodes are Ready with their hosts' addresses.
+    let nodes = ok(
+        &local.gantry_at(&address, &["get", "nodes", "-o", "json"]),
+        "get nodes",
+        &local,
+    );
+    let nodes: Value = serde_json::from_str(&nodes).expect("json");
+    let items = nodes["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2, "{nodes:#}");
+    for item in items {
+        assert_eq!(item["status"], "Ready", "{item:#}");
+    }
+    let text = nodes.to_string();
+    assert!(
+        text.contains(&format!("{net}.11")) && text.contains(&format!("{net}.12")),
+        "{nodes:#}"
+    );
+
+    // Twice is harmless.
+    let again = ok(&up(), "gantry up --nodes 2 (again)", &local);
+    assert!(again.contains("already running"), "{again}");
+    assert_eq!(local.pids(), pids);
+
+    // Down stops every daemon and removes the hosts.
+    let down = ok(&local.down(false), "gantry down", &local);
+    assert!(down.contains("agent-2"), "{down}");
+    assert!(
+        !pids.iter().any(|pid| local.ours(*pid)),
+        "{pids:?} still run"
+    );
+    for i in 1..=2 {
+        assert!(!Path::new(&format!("/run/netns/{prefix}-{i}")).exists());
+    }
+    assert!(!link_exists(&format!("{prefix}-br")));
+    assert!(local.pids().is_empty());
 }

@@ -10,6 +10,12 @@
 //! D/run/address, D/run/node    where the API listens, the node's name (for `down`)
 //! ```
 //!
+//! With `--nodes N` (N > 1) every node is a "host" of its own: a network namespace made by
+//! `deploy/netns-cluster.sh` (embedded in this binary), on a bridge whose address the
+//! scheduler listens on. Agent i runs in namespace `PREFIX-i` with `D/agent-i`,
+//! `D/logs/agent-i.log`, `D/run/agent-i.pid` and `D/run/node-i`; `D/run/nodes` holds N, so
+//! that `down` stops them all and removes the namespaces.
+//!
 //! A pid file is trusted only while `/proc/PID/cmdline` is the daemon `up` started on this data
 //! directory, so a stale file (reboot, kill -9, a reused pid) is replaced, and `down` never
 //! signals a process it did not start. Both verbs are idempotent.
@@ -59,9 +65,18 @@ pub struct UpArgs {
     /// Node name of the agent (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Agents to start; only 1 is supported yet.
+    /// Nodes to start. With N > 1 each agent runs in a network namespace of its own ("host"
+    /// PREFIX-i, made with deploy/netns-cluster.sh), and the scheduler listens on the hosts'
+    /// bridge (NET.1, port of --listen) instead of loopback.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub nodes: u32,
+    /// With --nodes N > 1: the hosts' names (PREFIX-1 … PREFIX-N; the bridge is PREFIX-br).
+    #[arg(long, default_value = "gantry", value_name = "PREFIX")]
+    pub hosts_prefix: String,
+    /// With --nodes N > 1: the first three octets of the hosts' /24 (bridge NET.1, host i
+    /// NET.(10+i)).
+    #[arg(long, default_value = "172.31.250", value_name = "NET")]
+    pub hosts_net: String,
 }
 
 /// `gantry down`.
@@ -76,26 +91,97 @@ pub struct DownArgs {
     pub keep: bool,
 }
 
-/// One of the two daemons.
+/// One of the daemons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Daemon {
     Scheduler,
-    Agent,
+    /// `Agent(0)`: the agent of a single-node cluster; `Agent(i)`: node i of `--nodes N`.
+    Agent(u32),
 }
 
 impl Daemon {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Daemon::Scheduler => "scheduler",
-            Daemon::Agent => "agent",
+            Daemon::Scheduler => "scheduler".to_owned(),
+            Daemon::Agent(0) => "agent".to_owned(),
+            Daemon::Agent(i) => format!("agent-{i}"),
         }
     }
 
     fn binary(self) -> &'static str {
         match self {
             Daemon::Scheduler => "gantry-scheduler",
-            Daemon::Agent => "gantry-agent",
+            Daemon::Agent(_) => "gantry-agent",
         }
+    }
+}
+
+/// The hosts of a `--nodes N` cluster: network namespaces `PREFIX-1` … `PREFIX-N` on a bridge
+/// with `NET.1`; host i has `NET.(10+i)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hosts {
+    prefix: String,
+    net: String,
+    count: u32,
+}
+
+/// `deploy/netns-cluster.sh`, run with `sh -s`.
+const NETNS_SCRIPT: &str = include_str!("../../deploy/netns-cluster.sh");
+
+impl Hosts {
+    fn bridge_address(&self) -> String {
+        format!("{}.1", self.net)
+    }
+
+    fn name(&self, i: u32) -> String {
+        format!("{}-{i}", self.prefix)
+    }
+
+    fn address(&self, i: u32) -> String {
+        format!("{}.{}", self.net, 10 + i)
+    }
+
+    fn netns(&self, i: u32) -> PathBuf {
+        Path::new("/run/netns").join(self.name(i))
+    }
+
+    /// Runs the script's `up` (unless every namespace is there) or `down`.
+    fn script(&self, action: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        if action == "up" && (1..=self.count).all(|i| self.netns(i).exists()) {
+            return Ok(());
+        }
+        let mut child = Command::new("sh")
+            .args([
+                "-s",
+                "--",
+                action,
+                &self.prefix,
+                &self.count.to_string(),
+                &self.net,
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("running sh for the network namespaces")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(NETNS_SCRIPT.as_bytes())
+                .context("writing the namespace script to sh")?;
+        }
+        let status = child.wait().context("waiting for the namespace script")?;
+        if !status.success() && action == "up" {
+            // Leave nothing half made.
+            let _ = self.script("down");
+            bail!(
+                "making the {} host namespaces {}-1…{} on {}.0/24 failed ({status}); is `ip` \
+                 (iproute2) installed, and are the names and the network free?",
+                self.count,
+                self.prefix,
+                self.count,
+                self.net
+            );
+        }
+        Ok(())
     }
 }
 
@@ -130,12 +216,38 @@ impl Layout {
         self.data.join("run").join("address")
     }
 
-    fn node_file(&self) -> PathBuf {
-        self.data.join("run").join("node")
+    fn node_file(&self, agent: Daemon) -> PathBuf {
+        match agent {
+            Daemon::Agent(i) if i > 0 => self.data.join("run").join(format!("node-{i}")),
+            _ => self.data.join("run").join("node"),
+        }
     }
 
-    fn containers_dir(&self) -> PathBuf {
-        self.dir(Daemon::Agent).join("runtime").join("containers")
+    /// Where `up --nodes N` records its hosts (absent for a single node).
+    fn hosts_file(&self) -> PathBuf {
+        self.data.join("run").join("hosts")
+    }
+
+    /// The hosts of a `--nodes N` cluster on this data directory, if it is one.
+    fn hosts(&self) -> Option<Hosts> {
+        let text = fs::read_to_string(self.hosts_file()).ok()?;
+        let mut words = text.split_whitespace();
+        let prefix = words.next()?.to_owned();
+        let net = words.next()?.to_owned();
+        let count = words.next()?.parse().ok()?;
+        Some(Hosts { prefix, net, count })
+    }
+
+    /// The agents of the cluster on this data directory.
+    fn agents(&self) -> Vec<Daemon> {
+        match self.hosts() {
+            Some(hosts) => (1..=hosts.count).map(Daemon::Agent).collect(),
+            None => vec![Daemon::Agent(0)],
+        }
+    }
+
+    fn containers_dir(&self, agent: Daemon) -> PathBuf {
+        self.dir(agent).join("runtime").join("containers")
     }
 
     /// Whether a command line is `daemon` as `up` starts it on this data directory.
@@ -146,7 +258,7 @@ impl Layout {
         if Path::new(program).file_name() != Some(daemon.binary().as_ref()) {
             return false;
         }
-        if daemon == Daemon::Agent && cmdline.get(1).is_none_or(|a| a != "run") {
+        if matches!(daemon, Daemon::Agent(_)) && cmdline.get(1).is_none_or(|a| a != "run") {
             return false;
         }
         let dir = self.dir(daemon);
@@ -167,9 +279,9 @@ impl Layout {
         cmdline(pid).is_some_and(|args| self.matches(daemon, &args))
     }
 
-    /// Names of the containers the agent's runtime holds.
-    fn containers(&self) -> Vec<String> {
-        let mut ids: Vec<String> = fs::read_dir(self.containers_dir())
+    /// Names of the containers an agent's runtime holds.
+    fn containers(&self, agent: Daemon) -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(self.containers_dir(agent))
             .map(|entries| {
                 entries
                     .flatten()
@@ -238,13 +350,28 @@ fn dial_address(listen: SocketAddr) -> String {
 
 /// Starts `binary args…` in a session of its own (so it outlives this CLI and its terminal),
 /// with its output appended to `log`, and writes its pid file.
+/// With `netns`, the daemon runs in that network namespace (through `nsenter`, which execs it).
 fn spawn(
     layout: &Layout,
     daemon: Daemon,
     args: &[OsString],
     env_remove: &[&str],
+    netns: Option<&Path>,
 ) -> anyhow::Result<Child> {
     let binary = find_binary(daemon.binary())?;
+    let (program, mut args_before): (PathBuf, Vec<OsString>) = match netns {
+        Some(netns) => {
+            let nsenter = on_path("nsenter").ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--nodes needs nsenter (util-linux) on PATH to start agents in their hosts"
+                )
+            })?;
+            let mut net = OsString::from("--net=");
+            net.push(netns);
+            (nsenter, vec![net, binary.clone().into()])
+        }
+        None => (binary.clone(), Vec::new()),
+    };
     let log_path = layout.log(daemon);
     let log = fs::OpenOptions::new()
         .create(true)
@@ -260,18 +387,19 @@ fn spawn(
     let mut command = match on_path("setsid") {
         Some(setsid) => {
             let mut command = Command::new(setsid);
-            command.arg(&binary);
+            command.arg(&program);
             command
         }
         None => {
             use std::os::unix::process::CommandExt;
-            let mut command = Command::new(&binary);
+            let mut command = Command::new(&program);
             command.process_group(0);
             command
         }
     };
+    args_before.extend(args.iter().cloned());
     command
-        .args(args)
+        .args(&args_before)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err_log);
@@ -316,22 +444,71 @@ async fn connect(address: &str) -> Result<Client, client::Error> {
 
 /// `gantry up`.
 pub async fn up(ctx: &mut Ctx, args: UpArgs) -> anyhow::Result<()> {
-    if args.nodes != 1 {
-        return Err(UsageError(format!(
-            "--nodes {}: only a single-node cluster is supported yet (--nodes 1); a cluster of \
-             several agents in network namespaces is not supported yet",
-            args.nodes
-        ))
+    if args.nodes == 0 {
+        return Err(UsageError("--nodes 0: a cluster needs at least one node".into()).into());
+    }
+    if args.nodes > 1 && args.name.is_some() {
+        return Err(UsageError(
+            "--name names the node of a single-node cluster; with --nodes N the nodes are \
+             PREFIX-1 … PREFIX-N (--hosts-prefix)"
+                .into(),
+        )
         .into());
     }
     let layout = Layout::new(&args.data_dir)?;
-    for dir in [
+    let hosts = (args.nodes > 1).then(|| Hosts {
+        prefix: args.hosts_prefix.clone(),
+        net: args.hosts_net.clone(),
+        count: args.nodes,
+    });
+    if let Some(existing) = layout.hosts()
+        && Some(&existing) != hosts.as_ref()
+        && layout.running(Daemon::Scheduler).is_some()
+    {
+        bail!(
+            "{} runs a cluster of {} nodes ({}-1…): `gantry down --data-dir {}` first to change it",
+            layout.data.display(),
+            existing.count,
+            existing.prefix,
+            layout.data.display()
+        );
+    }
+    let agents: Vec<Daemon> = match &hosts {
+        Some(hosts) => (1..=hosts.count).map(Daemon::Agent).collect(),
+        None => vec![Daemon::Agent(0)],
+    };
+    let mut dirs = vec![
         layout.dir(Daemon::Scheduler),
-        layout.dir(Daemon::Agent),
         layout.data.join("logs"),
         layout.data.join("run"),
-    ] {
+    ];
+    dirs.extend(agents.iter().map(|a| layout.dir(*a)));
+    for dir in dirs {
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // The API listens on the hosts' bridge when agents run in namespaces of their own.
+    let listen = match &hosts {
+        Some(hosts) if args.listen.ip().is_loopback() => {
+            let ip: std::net::IpAddr = hosts.bridge_address().parse().map_err(|_| {
+                UsageError(format!(
+                    "--hosts-net {}: give the first three octets of an IPv4 /24 (such as 172.31.250)",
+                    hosts.net
+                ))
+            })?;
+            SocketAddr::new(ip, args.listen.port())
+        }
+        _ => args.listen,
+    };
+    match &hosts {
+        Some(hosts) => {
+            hosts.script("up")?;
+            let record = format!("{} {} {}\n", hosts.prefix, hosts.net, hosts.count);
+            fs::write(layout.hosts_file(), record)
+                .with_context(|| format!("writing {}", layout.hosts_file().display()))?;
+        }
+        None => {
+            let _ = fs::remove_file(layout.hosts_file());
+        }
     }
     let wait = ctx.timeout_flag.unwrap_or(DEFAULT_WAIT);
     let deadline = Instant::now() + wait;
@@ -343,12 +520,12 @@ pub async fn up(ctx: &mut Ctx, args: UpArgs) -> anyhow::Result<()> {
             notes.push(format!("scheduler already running (pid {pid})"));
             fs::read_to_string(layout.address_file())
                 .map(|a| a.trim().to_string())
-                .unwrap_or_else(|_| dial_address(args.listen))
+                .unwrap_or_else(|_| dial_address(listen))
         }
         None => {
             let mut argv: Vec<OsString> = vec![
                 "--listen".into(),
-                args.listen.to_string().into(),
+                listen.to_string().into(),
                 "--metrics-listen".into(),
                 args.metrics_listen.clone().into(),
                 "--data-dir".into(),
@@ -358,48 +535,62 @@ pub async fn up(ctx: &mut Ctx, args: UpArgs) -> anyhow::Result<()> {
                 argv.push("--etcd".into());
                 argv.push(args.etcd.join(",").into());
             }
-            let child = spawn(&layout, Daemon::Scheduler, &argv, &["GANTRY_ETCD"])?;
+            let child = spawn(&layout, Daemon::Scheduler, &argv, &["GANTRY_ETCD"], None)?;
             notes.push(format!("scheduler started (pid {})", child.id()));
             children.push((Daemon::Scheduler, child));
-            let address = dial_address(args.listen);
+            let address = dial_address(listen);
             fs::write(layout.address_file(), format!("{address}\n"))
                 .with_context(|| format!("writing {}", layout.address_file().display()))?;
             address
         }
     };
-    let node = match (layout.running(Daemon::Agent), &args.name) {
-        (Some(pid), _) => {
-            notes.push(format!("agent already running (pid {pid})"));
-            match fs::read_to_string(layout.node_file()) {
-                Ok(name) => name.trim().to_string(),
-                Err(_) => host_name()?,
+    let mut nodes = Vec::new();
+    for &agent in &agents {
+        let Daemon::Agent(index) = agent else {
+            continue;
+        };
+        let node = match layout.running(agent) {
+            Some(pid) => {
+                notes.push(format!("{} already running (pid {pid})", agent.name()));
+                match (fs::read_to_string(layout.node_file(agent)), &hosts) {
+                    (Ok(name), _) => name.trim().to_string(),
+                    (Err(_), Some(hosts)) => hosts.name(index),
+                    (Err(_), None) => host_name()?,
+                }
             }
-        }
-        (None, name) => {
-            let name = match name {
-                Some(name) => name.clone(),
-                None => host_name()?,
-            };
-            let argv: Vec<OsString> = vec![
-                "run".into(),
-                "--scheduler".into(),
-                address.clone().into(),
-                "--name".into(),
-                name.clone().into(),
-                "--data-dir".into(),
-                layout.dir(Daemon::Agent).into(),
-            ];
-            let child = spawn(&layout, Daemon::Agent, &argv, &[])?;
-            notes.push(format!("agent started (pid {})", child.id()));
-            children.push((Daemon::Agent, child));
-            fs::write(layout.node_file(), format!("{name}\n"))
-                .with_context(|| format!("writing {}", layout.node_file().display()))?;
-            name
-        }
-    };
+            None => {
+                let name = match (&hosts, &args.name) {
+                    (Some(hosts), _) => hosts.name(index),
+                    (None, Some(name)) => name.clone(),
+                    (None, None) => host_name()?,
+                };
+                let mut argv: Vec<OsString> = vec![
+                    "run".into(),
+                    "--scheduler".into(),
+                    address.clone().into(),
+                    "--name".into(),
+                    name.clone().into(),
+                    "--data-dir".into(),
+                    layout.dir(agent).into(),
+                ];
+                let netns = hosts.as_ref().map(|h| h.netns(index));
+                if let Some(hosts) = &hosts {
+                    argv.push("--address".into());
+                    argv.push(hosts.address(index).into());
+                }
+                let child = spawn(&layout, agent, &argv, &[], netns.as_deref())?;
+                notes.push(format!("{} started (pid {})", agent.name(), child.id()));
+                children.push((agent, child));
+                fs::write(layout.node_file(agent), format!("{name}\n"))
+                    .with_context(|| format!("writing {}", layout.node_file(agent).display()))?;
+                name
+            }
+        };
+        nodes.push(node);
+    }
     print(&format!("{}\n", notes.join("; ")))?;
 
-    // Ready when the API answers and the agent's node is Ready; a daemon that exits early is
+    // Ready when the API answers and every node is Ready; a daemon that exits early is
     // reported with its log rather than waited for.
     loop {
         for (daemon, child) in &mut children {
@@ -412,18 +603,29 @@ pub async fn up(ctx: &mut Ctx, args: UpArgs) -> anyhow::Result<()> {
             }
         }
         if let Ok(client) = connect(&address).await {
-            let request = client.request(pb::GetNodeRequest { name: node.clone() });
-            if let Ok(found) = client.nodes().get(request).await
-                && found.get_ref().readiness() == pb::NodeReadiness::Ready
-            {
+            let mut ready = 0;
+            for node in &nodes {
+                let request = client.request(pb::GetNodeRequest { name: node.clone() });
+                if let Ok(found) = client.nodes().get(request).await
+                    && found.get_ref().readiness() == pb::NodeReadiness::Ready
+                {
+                    ready += 1;
+                }
+            }
+            if ready == nodes.len() {
                 break;
             }
         }
         if Instant::now() >= deadline {
+            let logs: Vec<String> = agents
+                .iter()
+                .map(|a| layout.log(*a).display().to_string())
+                .collect();
             bail!(
-                "node {node} was not Ready within {wait:?} (the scheduler at {address}); see {} and {}",
+                "node(s) {} not all Ready within {wait:?} (the scheduler at {address}); see {} and {}",
+                nodes.join(", "),
                 layout.log(Daemon::Scheduler).display(),
-                layout.log(Daemon::Agent).display()
+                logs.join(", ")
             );
         }
         tokio::time::sleep(POLL).await;
@@ -433,13 +635,21 @@ pub async fn up(ctx: &mut Ctx, args: UpArgs) -> anyhow::Result<()> {
     } else {
         format!("  export GANTRY_ADDR={address}\n")
     };
+    let (are, nodes_text) = match nodes.as_slice() {
+        [one] => ("is", format!("node {one}")),
+        many => ("are", format!("nodes {}", many.join(", "))),
+    };
+    let agent_logs: Vec<String> = agents
+        .iter()
+        .map(|a| layout.log(*a).display().to_string())
+        .collect();
     print(&format!(
-        "gantry is up: the scheduler answers at {address}, node {node} is Ready\n\
+        "gantry is up: the scheduler answers at {address}, {nodes_text} {are} Ready\n\
          logs: {}, {}\n\n\
          {export}  gantry get nodes\n  gantry run -d --name hello IMAGE -- CMD ARGS\n  \
          gantry get instances\n  gantry down{}\n",
         layout.log(Daemon::Scheduler).display(),
-        layout.log(Daemon::Agent).display(),
+        agent_logs.join(", "),
         if layout.data == Path::new(DEFAULT_DATA_DIR) {
             String::new()
         } else {
@@ -452,19 +662,30 @@ pub async fn up(ctx: &mut Ctx, args: UpArgs) -> anyhow::Result<()> {
 pub async fn down(ctx: &mut Ctx, args: DownArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.data_dir)?;
     let scheduler = layout.running(Daemon::Scheduler);
-    let agent = layout.running(Daemon::Agent);
+    let agents: Vec<(Daemon, Option<u32>)> = layout
+        .agents()
+        .into_iter()
+        .map(|a| (a, layout.running(a)))
+        .collect();
     let wait = ctx.timeout_flag.unwrap_or(DEFAULT_WAIT);
     if !args.keep {
+        let any_containers = agents
+            .iter()
+            .any(|(a, _)| !layout.containers(*a).is_empty());
         match scheduler {
-            Some(_) => remove_workloads(&layout, agent.is_some(), wait).await?,
-            None if !layout.containers().is_empty() => print(
+            Some(_) => remove_workloads(&layout, &agents, wait).await?,
+            None if any_containers => print(
                 "the scheduler is not running: workloads not deleted; leftover containers are removed below\n",
             )?,
             None => {}
         }
     }
     let mut stopped = Vec::new();
-    for (daemon, pid) in [(Daemon::Agent, agent), (Daemon::Scheduler, scheduler)] {
+    let daemons = agents
+        .iter()
+        .copied()
+        .chain([(Daemon::Scheduler, scheduler)]);
+    for (daemon, pid) in daemons {
         if let Some(pid) = pid {
             stop(&layout, daemon, pid).await?;
             stopped.push(format!("{} (pid {pid})", daemon.name()));
@@ -473,9 +694,16 @@ pub async fn down(ctx: &mut Ctx, args: DownArgs) -> anyhow::Result<()> {
         let _ = fs::remove_file(layout.pid_file(daemon));
     }
     if !args.keep {
-        let left = layout.containers();
-        if !left.is_empty() {
-            remove_containers(&layout, &left)?;
+        for (agent, _) in &agents {
+            let left = layout.containers(*agent);
+            if !left.is_empty() {
+                remove_containers(&layout, *agent, &left)?;
+            }
+        }
+        // The hosts go with their agents (kept with --keep: the containers live in them).
+        if let Some(hosts) = layout.hosts() {
+            hosts.script("down")?;
+            let _ = fs::remove_file(layout.hosts_file());
         }
     }
     if stopped.is_empty() {
@@ -492,15 +720,17 @@ pub async fn down(ctx: &mut Ctx, args: DownArgs) -> anyhow::Result<()> {
 /// agent runs) its runtime holds no container.
 async fn remove_workloads(
     layout: &Layout,
-    agent_running: bool,
+    agents: &[(Daemon, Option<u32>)],
     wait: Duration,
 ) -> anyhow::Result<()> {
     let address = fs::read_to_string(layout.address_file())
         .map(|a| a.trim().to_string())
         .unwrap_or_else(|_| client::DEFAULT_ADDRESS.to_string());
-    let node = fs::read_to_string(layout.node_file())
+    let nodes: Vec<String> = agents
+        .iter()
+        .filter_map(|(agent, _)| fs::read_to_string(layout.node_file(*agent)).ok())
         .map(|n| n.trim().to_string())
-        .unwrap_or_default();
+        .collect();
     let client = connect(&address).await?;
     let mut names = Vec::new();
     let mut page_token = String::new();
@@ -540,27 +770,30 @@ async fn remove_workloads(
     }
     let deadline = Instant::now() + wait;
     loop {
-        let request = client.request(pb::ListInstancesRequest {
-            workload: String::new(),
-            node: node.clone(),
-            label_selector: String::new(),
-            states: Vec::new(),
-            page_size: 1,
-            page_token: String::new(),
-        });
-        let instances = client
-            .instances()
-            .list(request)
-            .await
-            .map_err(|s| error::api(s, client.address()))?
-            .into_inner()
-            .instances
-            .len();
-        let containers = if agent_running {
-            layout.containers().len()
-        } else {
-            0
-        };
+        let mut instances = 0;
+        for node in &nodes {
+            let request = client.request(pb::ListInstancesRequest {
+                workload: String::new(),
+                node: node.clone(),
+                label_selector: String::new(),
+                states: Vec::new(),
+                page_size: 1,
+                page_token: String::new(),
+            });
+            instances += client
+                .instances()
+                .list(request)
+                .await
+                .map_err(|s| error::api(s, client.address()))?
+                .into_inner()
+                .instances
+                .len();
+        }
+        let containers: usize = agents
+            .iter()
+            .filter(|(_, pid)| pid.is_some())
+            .map(|(agent, _)| layout.containers(*agent).len())
+            .sum();
         if instances == 0 && containers == 0 {
             return Ok(());
         }
@@ -611,16 +844,16 @@ async fn stop(layout: &Layout, daemon: Daemon, pid: u32) -> anyhow::Result<()> {
 }
 
 /// Removes containers the agent did not stop (with the agent down, through its runtime).
-fn remove_containers(layout: &Layout, ids: &[String]) -> anyhow::Result<()> {
+fn remove_containers(layout: &Layout, agent: Daemon, ids: &[String]) -> anyhow::Result<()> {
     print(&format!(
         "removing {} container(s) left behind: {}\n",
         ids.len(),
         ids.join(", ")
     ))?;
-    let status = Command::new(find_binary(Daemon::Agent.binary())?)
+    let status = Command::new(find_binary(agent.binary())?)
         .arg("ctr")
         .arg("--root")
-        .arg(layout.dir(Daemon::Agent).join("runtime"))
+        .arg(layout.dir(agent).join("runtime"))
         .args(["rm", "--force"])
         .args(ids)
         .status()
@@ -628,7 +861,7 @@ fn remove_containers(layout: &Layout, ids: &[String]) -> anyhow::Result<()> {
     if !status.success() {
         bail!(
             "gantry-agent ctr rm --force failed ({status}); containers may be left in {}",
-            layout.containers_dir().display()
+            layout.containers_dir(agent).display()
         );
     }
     Ok(())
@@ -646,7 +879,7 @@ mod tests {
     fn pid_files_are_trusted_only_for_our_daemons() {
         let layout = Layout::new(Path::new("/d")).unwrap();
         let s = Daemon::Scheduler;
-        let a = Daemon::Agent;
+        let a = Daemon::Agent(0);
         assert!(layout.matches(
             s,
             &args(&[
@@ -672,6 +905,19 @@ mod tests {
             &args(&["gantry-agent", "run", "--data-dir", "/d/scheduler"])
         ));
         assert!(!layout.matches(a, &[]));
+        // Node i of --nodes N has its own data dir.
+        let a2 = Daemon::Agent(2);
+        assert_eq!(a2.name(), "agent-2");
+        assert!(layout.matches(
+            a2,
+            &args(&["gantry-agent", "run", "--data-dir", "/d/agent-2"])
+        ));
+        assert!(!layout.matches(
+            a2,
+            &args(&["gantry-agent", "run", "--data-dir", "/d/agent"])
+        ));
+        assert_eq!(layout.node_file(a2), Path::new("/d/run/node-2"));
+        assert_eq!(layout.node_file(a), Path::new("/d/run/node"));
     }
 
     #[test]
