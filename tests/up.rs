@@ -366,6 +366,14 @@ fn up_with_two_nodes_in_network_namespaces_and_down_removing_them() {
     let again = ok(&up(), "gantry up --nodes 2 (again)", &local);
     assert!(again.contains("already running"), "{again}");
     assert_eq!(local.pids(), pids);
+    // A single-node `up` on the same directory is refused rather than half applied.
+    let single = local.up();
+    assert_eq!(single.status.code(), Some(1), "{single:?}");
+    assert!(
+        String::from_utf8_lossy(&single.stderr).contains("change its shape"),
+        "{single:?}"
+    );
+    assert_eq!(local.pids(), pids);
 
     // Down stops every daemon and removes the hosts.
     let down = ok(&local.down(false), "gantry down", &local);

@@ -461,15 +461,15 @@ pub async fn up(ctx: &mut Ctx, args: UpArgs) -> anyhow::Result<()> {
         net: args.hosts_net.clone(),
         count: args.nodes,
     });
-    if let Some(existing) = layout.hosts()
-        && Some(&existing) != hosts.as_ref()
-        && layout.running(Daemon::Scheduler).is_some()
-    {
+    let existing = layout.hosts();
+    if existing != hosts && layout.running(Daemon::Scheduler).is_some() {
+        let shape = match &existing {
+            Some(existing) => format!("{} nodes ({}-1…)", existing.count, existing.prefix),
+            None => "a single node".to_owned(),
+        };
         bail!(
-            "{} runs a cluster of {} nodes ({}-1…): `gantry down --data-dir {}` first to change it",
+            "{} runs a cluster of {shape}: `gantry down --data-dir {}` first to change its shape",
             layout.data.display(),
-            existing.count,
-            existing.prefix,
             layout.data.display()
         );
     }
