@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // Shared between the sessions it is sent on (see `NetworkConfig.routes`).
         .bytes(".gantry.v1.NetworkConfig.routes")
+        // Likewise (see `NameTable.workloads`).
+        .bytes(".gantry.v1.NameTable.workloads")
         .file_descriptor_set_path(out_dir.join("gantry_v1_descriptor.bin"))
         .compile_protos(PROTOS, &["proto"])?;
     Ok(())

@@ -17,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::pb::events_client::EventsClient;
+use crate::pb::images_client::ImagesClient;
 use crate::pb::instances_client::InstancesClient;
 use crate::pb::nodes_client::NodesClient;
 use crate::pb::workloads_client::WorkloadsClient;
@@ -296,6 +297,12 @@ impl Client {
     /// The Nodes service.
     pub fn nodes(&self) -> NodesClient<AuthChannel> {
         NodesClient::with_interceptor(self.channel.clone(), self.auth.clone())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// The Images service.
+    pub fn images(&self) -> ImagesClient<AuthChannel> {
+        ImagesClient::with_interceptor(self.channel.clone(), self.auth.clone())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 

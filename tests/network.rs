@@ -8,7 +8,10 @@
 //! deleting the workloads leaves no namespace mount, host-local reservation, veth or
 //! iptables/nftables rule. Then two "hosts" (network namespaces on a bridge, made by
 //! `deploy/netns-cluster.sh`) each run an agent: host A has a route to host B's subnet via B's
-//! address and reaches B's instance by its address and through the published port on B's address.
+//! address and reaches B's instance by its address and through the published port on B's address;
+//! from inside an instance on host A, a workload that runs on host B only is found by name
+//! (`nslookup named.gantry`, `wget http://named/`) through host A's name responder, and the name
+//! is gone once the workload is deleted.
 //!
 //! Needs root, busybox-static, the CNI plugins, iproute2, iptables and nftables; skipped without
 //! them on a laptop, failed under CI.
@@ -64,6 +67,14 @@ fn service(name: &str, replicas: u32, host_port: Option<u16>) -> String {
         "kind: Service\nname: {name}\nreplicas: {replicas}\nimage: {IMAGE}\n{ports}\
          command: [sh, -c, 'mkdir -p /www && cat /etc/hostname > /www/index.html && \
          cat /etc/hosts > /www/hosts && exec httpd -f -p 80 -h /www']\nstopGracePeriod: 1s\n"
+    )
+}
+
+/// [`service`] placed on the host labelled `host=<host>` only.
+fn service_on(name: &str, host: u32) -> String {
+    format!(
+        "{}placement: {{nodeSelector: {{host: \"{host}\"}}}}\n",
+        service(name, 1, None)
     )
 }
 
@@ -399,6 +410,8 @@ impl HostAgent {
                 &hosts.name(i),
                 "--address",
                 &hosts.address(i),
+                "--label",
+                &format!("host={i}"),
             ])
             .args(["--scheduler", &cluster.addr])
             .arg("--data-dir")
@@ -444,6 +457,38 @@ impl Drop for HostAgent {
             .args(["network", "cleanup", "--data-dir"])
             .arg(&self.data)
             .status();
+    }
+}
+
+/// Runs `args` in instance `id` with `gantry exec`; (success, stdout + stderr).
+fn exec_in(cluster: &Cluster, id: &str, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["exec", id, "--"];
+    all.extend_from_slice(args);
+    let ran = cluster.run(&all);
+    (ran.code == 0, format!("{}{}", ran.stdout, ran.stderr))
+}
+
+/// The addresses of the answer in busybox `nslookup` output (the `Address` lines after `Name`,
+/// not the server's).
+fn answer_addresses(out: &str) -> Vec<String> {
+    out.lines()
+        .skip_while(|l| !l.starts_with("Name:"))
+        .filter_map(|l| l.strip_prefix("Address:"))
+        .map(|a| a.trim().to_owned())
+        .collect()
+}
+
+/// Calls `check` until it succeeds, for at most 30 s; then panics with its last error and `logs`.
+fn retry(what: &str, logs: &dyn Fn() -> String, mut check: impl FnMut() -> Result<(), String>) {
+    let started = std::time::Instant::now();
+    loop {
+        let Err(err) = check() else { return };
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: not within 30s; last: {err}\nagent logs:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -558,6 +603,77 @@ fn instances_on_two_hosts_reach_each_other_by_address_and_published_port() {
         });
         assert_eq!(body.trim(), id, "the page of {id} through {target}");
     }
+
+    // Names: a workload on host B only, found by name from inside the instance on host A,
+    // whose resolver is host A's name responder on its bridge's gateway address.
+    apply(&cluster, "named", &service_on("named", 2));
+    until(
+        "the named instance Ready",
+        Box::new(|| ready(&cluster, "named").len() == 1),
+    );
+    let (named_id, named_ip) = ready(&cluster, "named").remove(0);
+    let on_a = instances(&cluster, "spread")
+        .into_iter()
+        .find(|i| i["node"] == hosts.name(1))
+        .and_then(|i| i["name"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no instance on {}", hosts.name(1)));
+    let subnet_a = cluster.json(&["get", "nodes", "-o", "json"])["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"] == hosts.name(1))
+        .and_then(|n| n["subnet"].as_str().map(str::to_owned))
+        .expect("the subnet of host A");
+    let gateway_a = format!("{}.1", subnet_a.rsplit_once('.').expect("a /24").0);
+    let (_, resolv) = exec_in(&cluster, &on_a, &["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.lines().next() == Some(&format!("nameserver {gateway_a}"))
+            && resolv.contains("search gantry"),
+        "{on_a}'s resolv.conf names host A's responder:\n{resolv}"
+    );
+    let lookup = || exec_in(&cluster, &on_a, &["busybox", "nslookup", "named.gantry"]);
+    retry(
+        &format!("named.gantry → {named_ip} inside {on_a}"),
+        &logs,
+        || {
+            let (_, out) = lookup();
+            if out.contains(&named_ip) {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    );
+    // The address the name gave inside the instance on host A serves the named instance on
+    // host B. (The test image's busybox is linked statically against glibc, whose getaddrinfo
+    // cannot run without the shared NSS libraries, so its wget cannot look names up itself;
+    // its nslookup has a resolver of its own.)
+    let (_, out) = lookup();
+    let resolved = answer_addresses(&out);
+    assert_eq!(
+        resolved,
+        std::slice::from_ref(&named_ip),
+        "named.gantry answers its instance:\n{out}"
+    );
+    let by_name: SocketAddr = format!("{}:80", resolved[0]).parse().expect("address");
+    retry(
+        &format!("{by_name} from {}", hosts.name(1)),
+        &logs,
+        || match fetch_from(&a, by_name, "/") {
+            Ok(body) if body.trim() == named_id => Ok(()),
+            Ok(body) => Err(format!("unexpected page {body:?}")),
+            Err(err) => Err(err),
+        },
+    );
+    cluster.run(&["delete", "workload", "named"]).ok();
+    retry("named.gantry gone after the delete", &logs, || {
+        let (ok, out) = lookup();
+        if !ok && !out.contains(&named_ip) && out.contains("NXDOMAIN") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
 
     cluster.run(&["delete", "workload", "spread"]).ok();
     until(

@@ -32,6 +32,7 @@ const SERVICES: &[(&str, &[Method])] = &[
             ("Get", false, false),
             ("Logs", false, true),
             ("Exec", true, true),
+            ("Top", false, false),
         ],
     ),
     (
@@ -42,6 +43,15 @@ const SERVICES: &[(&str, &[Method])] = &[
             ("Cordon", false, false),
             ("Uncordon", false, false),
             ("Drain", false, false),
+            ("Top", false, false),
+        ],
+    ),
+    (
+        "Images",
+        &[
+            ("List", false, false),
+            ("Remove", false, false),
+            ("Prune", false, false),
         ],
     ),
     ("Events", &[("Watch", false, true)]),

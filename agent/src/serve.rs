@@ -110,6 +110,18 @@ pub struct Run {
     /// network namespace (tests) need one each.
     #[arg(long, default_value = gantry_agent::network::DEFAULT_BRIDGE)]
     cni_bridge: String,
+    /// The node's name responder: a DNS server on the bridge gateway address (port 53) that
+    /// answers `<workload>.gantry` with the workload's Ready instances and forwards other names
+    /// to the host's resolvers; `bridge` containers use it. `--dns=false` turns it off
+    /// (containers then get the host's resolvers).
+    #[arg(
+        long,
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    dns: bool,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -231,6 +243,7 @@ fn config(run: Run) -> Result<Config> {
             plugin_dirs: run.cni_bin_dir,
             fallback_subnet: fallback_subnet.trunc(),
             bridge: run.cni_bridge,
+            dns: run.dns.then(gantry_agent::daemon::dns::DnsConfig::default),
         },
     })
 }
@@ -270,5 +283,23 @@ mod tests {
         assert!(image_gc_policy(80, 80, min).is_err());
         let err = image_gc_policy(101, 80, min).unwrap_err().to_string();
         assert!(err.contains("from 0 to 100"), "{err}");
+    }
+
+    #[test]
+    fn the_name_responder_is_on_unless_turned_off() {
+        let dns = |args: &[&str]| {
+            let mut all = vec!["gantry-agent run", "--name", "n1"];
+            all.extend_from_slice(args);
+            config(Run::try_parse_from(all).unwrap())
+                .unwrap()
+                .network
+                .dns
+        };
+        assert!(dns(&[]).is_some());
+        assert!(dns(&["--dns"]).is_some());
+        assert!(dns(&["--dns=true"]).is_some());
+        assert!(dns(&["--dns=false"]).is_none());
+        let err = Run::try_parse_from(["gantry-agent run", "--dns=maybe"]).unwrap_err();
+        assert!(err.to_string().contains("--dns"), "{err}");
     }
 }

@@ -126,6 +126,14 @@ impl View {
                 None
             };
             let new_node = new.as_ref().and_then(|r| r.node.clone());
+            // An instance answers by name while its record exists without a stop request.
+            let counts =
+                |r: Option<&InstanceRecord>| r.is_some_and(|r| r.stop_requested_at.is_none());
+            if counts(ids.get(id).map(|r| &r.value)) != counts(new.as_ref())
+                && self.statuses.get(id).and_then(endpoint).is_some()
+            {
+                touched.endpoints = Some(workload.to_owned());
+            }
             match new {
                 Some(record) => {
                     ids.insert(id.to_owned(), versioned(record, kv));
@@ -157,10 +165,14 @@ impl View {
                 return touched;
             };
             touched.workload = Some(workload.to_owned());
+            let before = self.statuses.get(id).and_then(endpoint).map(str::to_owned);
             if put && let Some(value) = parse::<InstanceStatus>(&key, &kv.value) {
+                if endpoint(&value) != before.as_deref() {
+                    touched.endpoints = Some(workload.to_owned());
+                }
                 self.statuses.insert(id.to_owned(), value);
-            } else {
-                self.statuses.remove(id);
+            } else if self.statuses.remove(id).is_some() && before.is_some() {
+                touched.endpoints = Some(workload.to_owned());
             }
         } else if let Some(name) = key.strip_prefix(keys::NODES) {
             self.membership += 1;
@@ -193,6 +205,12 @@ impl View {
     }
 }
 
+/// The address an instance answers at by name: its `ip` while it is Ready.
+pub fn endpoint(status: &InstanceStatus) -> Option<&str> {
+    (status.state == model::InstanceState::Ready && !status.ip.is_empty())
+        .then_some(status.ip.as_str())
+}
+
 fn versioned<T>(value: T, kv: &KeyValue) -> Versioned<T> {
     Versioned {
         value,
@@ -215,6 +233,8 @@ fn parse<T: for<'de> serde::Deserialize<'de>>(key: &str, value: &[u8]) -> Option
 #[derive(Debug, Default)]
 struct Touched {
     workload: Option<String>,
+    /// The workload whose Ready addresses ([`endpoint`]) may have changed.
+    endpoints: Option<String>,
     nodes: Vec<String>,
     any_node: bool,
 }
@@ -274,6 +294,19 @@ struct Inner {
     node_notify: Mutex<HashMap<String, Arc<Notify>>>,
     /// Bumped whenever node records or live keys change (node sessions resend the network).
     membership: watch::Sender<u64>,
+    /// Workloads whose Ready addresses changed since [`Cache::take_endpoint_changes`].
+    endpoint_changes: Mutex<EndpointChanges>,
+    /// Bumped whenever `endpoint_changes` grows (node sessions resend the names).
+    endpoints: watch::Sender<u64>,
+}
+
+/// Workloads whose Ready instances' addresses may have changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EndpointChanges {
+    /// The workloads touched.
+    pub workloads: BTreeSet<String>,
+    /// Every workload may have changed (the view was listed again).
+    pub all: bool,
 }
 
 impl std::fmt::Debug for Cache {
@@ -301,6 +334,8 @@ impl Cache {
                 dirty: Mutex::new(Vec::new()),
                 node_notify: Mutex::new(HashMap::new()),
                 membership: watch::channel(0).0,
+                endpoint_changes: Mutex::new(EndpointChanges::default()),
+                endpoints: watch::channel(0).0,
             }),
         }
     }
@@ -313,6 +348,18 @@ impl Cache {
     /// Changes whenever a node record or live key changes (or the view is listed again).
     pub fn membership(&self) -> watch::Receiver<u64> {
         self.inner.membership.subscribe()
+    }
+
+    /// Changes whenever an instance becomes Ready or stops being Ready, or a Ready instance's
+    /// address changes (or the view is listed again); see [`Cache::take_endpoint_changes`].
+    pub fn endpoints(&self) -> watch::Receiver<u64> {
+        self.inner.endpoints.subscribe()
+    }
+
+    /// Takes the workloads whose Ready addresses changed since the last call. There is one
+    /// taker per process (the sessions' name table).
+    pub fn take_endpoint_changes(&self) -> EndpointChanges {
+        std::mem::take(&mut *self.inner.endpoint_changes.lock().expect("endpoints lock"))
     }
 
     /// The revision the view reflects.
@@ -403,6 +450,12 @@ impl Cache {
         }
         self.inner.revision.send_replace(revision);
         self.inner.membership.send_modify(|n| *n += 1);
+        self.inner
+            .endpoint_changes
+            .lock()
+            .expect("endpoints lock")
+            .all = true;
+        self.inner.endpoints.send_modify(|n| *n += 1);
         self.inner.synced.send_replace(true);
     }
 
@@ -412,11 +465,13 @@ impl Cache {
         let mut workloads = BTreeSet::new();
         let mut nodes = BTreeSet::new();
         let mut any_node = false;
+        let mut endpoints = BTreeSet::new();
         {
             let mut view = self.inner.view.write().expect("view lock");
             for event in events {
                 let touched = view.apply(event.kind, &event.kv);
                 workloads.extend(touched.workload);
+                endpoints.extend(touched.endpoints);
                 nodes.extend(touched.nodes);
                 any_node |= touched.any_node;
             }
@@ -433,6 +488,15 @@ impl Cache {
         }
         if any_node {
             self.inner.membership.send_modify(|n| *n += 1);
+        }
+        if !endpoints.is_empty() {
+            self.inner
+                .endpoint_changes
+                .lock()
+                .expect("endpoints lock")
+                .workloads
+                .extend(endpoints);
+            self.inner.endpoints.send_modify(|n| *n += 1);
         }
         if !nodes.is_empty() {
             let notifies = self.inner.node_notify.lock().expect("node notify lock");
@@ -570,6 +634,62 @@ mod tests {
         view.apply(EventKind::Delete, &kv(&key, Vec::new(), 4));
         assert!(view.by_node.is_empty());
         assert!(view.instances.is_empty());
+    }
+
+    #[test]
+    fn only_changes_of_ready_addresses_touch_endpoints() {
+        let mut view = View::default();
+        let status = |state, ip: &str, at| InstanceStatus {
+            state,
+            ip: ip.into(),
+            observed_at: Timestamp(at),
+            ..InstanceStatus::default()
+        };
+        let key = keys::status("web", "web-a");
+        let record = keys::instance("web", "web-a");
+        let mut put =
+            |kind, key: &str, value: Vec<u8>| view.apply(kind, &kv(key, value, 2)).endpoints;
+        let web = Some("web".to_owned());
+        use model::InstanceState::{Ready, Running};
+        assert_eq!(
+            put(
+                EventKind::Put,
+                &record,
+                encode(&instance("web", "web-a", Some("n1")))
+            ),
+            None
+        );
+        assert_eq!(
+            put(
+                EventKind::Put,
+                &key,
+                encode(&status(Running, "10.0.0.2", 1))
+            ),
+            None
+        );
+        assert_eq!(
+            put(EventKind::Put, &key, encode(&status(Ready, "10.0.0.2", 2))),
+            web
+        );
+        // The same address observed again costs nothing.
+        assert_eq!(
+            put(EventKind::Put, &key, encode(&status(Ready, "10.0.0.2", 3))),
+            None
+        );
+        assert_eq!(
+            put(EventKind::Put, &key, encode(&status(Ready, "10.0.0.3", 4))),
+            web
+        );
+        // A stop request, or the record going, takes the name away.
+        let mut stopping = instance("web", "web-a", Some("n1"));
+        stopping.stop_requested_at = Some(Timestamp(5));
+        assert_eq!(put(EventKind::Put, &record, encode(&stopping)), web);
+        assert_eq!(
+            put(EventKind::Delete, &record, Vec::new()),
+            None,
+            "already without a name"
+        );
+        assert_eq!(put(EventKind::Delete, &key, Vec::new()), web);
     }
 
     #[test]

@@ -6,11 +6,13 @@
 
 pub mod api;
 pub mod cache;
+pub mod changelog;
 pub mod controller;
 pub mod election;
 mod liveness;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod network;
 pub mod ops;
 pub mod placement;

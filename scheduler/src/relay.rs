@@ -22,6 +22,13 @@
 //!
 //! Sessions of a node held by another replica are not reachable from here: the API answers
 //! UNAVAILABLE naming the replica that holds it (from the node's live key).
+//!
+//! Requests with one answer (the node's resource usage, [`Relays::stats`]; its images,
+//! [`Relays::images`]) use the same
+//! `relay_id` space: the request waits on a oneshot kept in the session's table of pending
+//! asks, which the session fills from the agent's reply without waiting. An ask that is not
+//! answered within its timeout leaves the table (a late reply is dropped); a session that ends
+//! drops its pending asks, so their callers hear at once that it ended.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +48,8 @@ use tracing::debug;
 pub const RELAY_QUEUE: usize = 128;
 /// Relays open at once on one node.
 pub const MAX_RELAYS_PER_NODE: usize = 256;
+/// Requests with one answer (stats, images) waiting at once on one node.
+pub const MAX_ASKS_PER_NODE: usize = 64;
 
 /// The sender of one session's messages to its agent.
 pub(crate) type Outbound = mpsc::Sender<Result<pb::SchedulerMessage, Status>>;
@@ -63,6 +72,49 @@ pub enum OpenError {
     TooMany {
         /// The node.
         node: String,
+    },
+}
+
+/// Why a request with one answer (stats, images) got none.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    /// The node has no session on this replica.
+    #[error("node {node} has no session on scheduler replica {replica}")]
+    NoSession {
+        /// The node.
+        node: String,
+        /// This replica.
+        replica: String,
+    },
+    /// The node has too many requests waiting.
+    #[error("node {node} already has {MAX_ASKS_PER_NODE} requests waiting; retry shortly")]
+    TooMany {
+        /// The node.
+        node: String,
+    },
+    /// The agent did not answer in time.
+    #[error("node {node} did not answer within {}s", after.as_secs_f64())]
+    TimedOut {
+        /// The node.
+        node: String,
+        /// How long it was given.
+        after: std::time::Duration,
+    },
+    /// The session ended before the agent answered.
+    #[error(
+        "the session of node {node} ended before its agent answered; retry once it has reconnected"
+    )]
+    Ended {
+        /// The node.
+        node: String,
+    },
+    /// The agent answered with an error.
+    #[error("the agent of node {node} could not answer: {message}")]
+    Failed {
+        /// The node.
+        node: String,
+        /// The agent's error.
+        message: String,
     },
 }
 
@@ -101,6 +153,8 @@ struct NodeEntry {
     session: u64,
     out: Outbound,
     relays: HashMap<u64, Sink>,
+    /// Requests waiting for their one answer, by relay id.
+    asks: HashMap<u64, oneshot::Sender<Reply>>,
 }
 
 /// Where the frames of one relay go.
@@ -124,6 +178,24 @@ pub enum Frame {
     Exec(pb::ExecOutputFrame),
     /// The end of a relay.
     End(pb::RelayEnd),
+    /// The answer to a stats request.
+    Stats(pb::StatsReply),
+    /// The answer to an image request.
+    Images(pb::ImageReply),
+}
+
+/// The one answer to a request.
+#[derive(Debug)]
+enum Reply {
+    Stats(pb::StatsReply),
+    Images(pb::ImageReply),
+}
+
+fn wrong_reply(node: &str) -> AskError {
+    AskError::Failed {
+        node: node.to_owned(),
+        message: "the agent answered with a reply of another kind".into(),
+    }
 }
 
 impl Relays {
@@ -154,6 +226,7 @@ impl Relays {
                 session,
                 out,
                 relays: HashMap::new(),
+                asks: HashMap::new(),
             },
         );
         if let Some(previous) = previous {
@@ -205,6 +278,115 @@ impl Relays {
             closed,
         };
         Ok((stream, inputs))
+    }
+
+    /// Asks `node`'s agent for the resource usage of the node and of `instance_ids` (empty:
+    /// every running instance), waiting at most `timeout` for the answer.
+    pub async fn stats(
+        &self,
+        node: &str,
+        instance_ids: Vec<String>,
+        timeout: std::time::Duration,
+    ) -> Result<pb::StatsReply, AskError> {
+        let request = |relay_id| {
+            ToAgent::StatsRequest(pb::StatsRequest {
+                relay_id,
+                instance_ids,
+            })
+        };
+        let reply = match self.ask(node, timeout, request).await? {
+            Reply::Stats(reply) => reply,
+            Reply::Images(_) => return Err(wrong_reply(node)),
+        };
+        if reply.error.is_empty() {
+            Ok(reply)
+        } else {
+            Err(AskError::Failed {
+                node: node.to_owned(),
+                message: reply.error,
+            })
+        }
+    }
+
+    /// Asks `node`'s agent to list, remove or prune its images, waiting at most `timeout`.
+    /// The agent's own refusal (NOT_FOUND, FAILED_PRECONDITION, ...) is in the reply's `code`.
+    pub async fn images(
+        &self,
+        node: &str,
+        action: pb::ImageAction,
+        reference: String,
+        timeout: std::time::Duration,
+    ) -> Result<pb::ImageReply, AskError> {
+        let request = |relay_id| {
+            ToAgent::ImageRequest(pb::ImageRequest {
+                relay_id,
+                action: action as i32,
+                reference,
+            })
+        };
+        match self.ask(node, timeout, request).await? {
+            Reply::Images(reply) => Ok(reply),
+            Reply::Stats(_) => Err(wrong_reply(node)),
+        }
+    }
+
+    /// Sends the request `request(relay_id)` to `node`'s agent and waits at most `timeout` for
+    /// its reply.
+    async fn ask(
+        &self,
+        node: &str,
+        timeout: std::time::Duration,
+        request: impl FnOnce(u64) -> ToAgent,
+    ) -> Result<Reply, AskError> {
+        let (relay_id, out, rx, _guard) = {
+            let mut nodes = self.inner.lock();
+            let Some(entry) = nodes.get_mut(node) else {
+                return Err(AskError::NoSession {
+                    node: node.to_owned(),
+                    replica: self.inner.replica.clone(),
+                });
+            };
+            if entry.asks.len() >= MAX_ASKS_PER_NODE {
+                return Err(AskError::TooMany {
+                    node: node.to_owned(),
+                });
+            }
+            let relay_id = self.inner.next_relay.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            entry.asks.insert(relay_id, tx);
+            let guard = AskGuard {
+                inner: self.inner.clone(),
+                node: node.to_owned(),
+                session: entry.session,
+                relay_id,
+            };
+            (relay_id, entry.out.clone(), rx, guard)
+        };
+        let request = request(relay_id);
+        let asked = async {
+            if !send(&out, request).await {
+                return Err(AskError::Ended {
+                    node: node.to_owned(),
+                });
+            }
+            rx.await.map_err(|_| AskError::Ended {
+                node: node.to_owned(),
+            })
+        };
+        tokio::time::timeout(timeout, asked)
+            .await
+            .map_err(|_| AskError::TimedOut {
+                node: node.to_owned(),
+                after: timeout,
+            })?
+    }
+
+    /// Requests with one answer waiting on `node` (tests and diagnostics).
+    pub fn asks_waiting(&self, node: &str) -> usize {
+        self.inner
+            .lock()
+            .get(node)
+            .map_or(0, |entry| entry.asks.len())
     }
 
     /// Relays open on `node` (tests and diagnostics).
@@ -297,6 +479,8 @@ impl NodeRelays {
             Frame::Logs(f) => f.relay_id,
             Frame::Exec(f) => f.relay_id,
             Frame::End(f) => f.relay_id,
+            Frame::Stats(f) => f.relay_id,
+            Frame::Images(f) => f.relay_id,
         };
         let mut nodes = self.inner.lock();
         let Some(entry) = nodes
@@ -304,6 +488,11 @@ impl NodeRelays {
             .filter(|e| e.session == self.session)
         else {
             return;
+        };
+        let frame = match frame {
+            Frame::Stats(reply) => return self.answer(entry, relay_id, Reply::Stats(reply)),
+            Frame::Images(reply) => return self.answer(entry, relay_id, Reply::Images(reply)),
+            frame => frame,
         };
         let Some(sink) = entry.relays.get(&relay_id) else {
             debug!(node = %self.node, relay_id, "frame of a relay that is gone dropped");
@@ -347,6 +536,17 @@ impl NodeRelays {
                  the stream was stopped: read it faster, or ask for less (--tail, --since)"
             )));
             cancel(&entry.out, relay_id);
+        }
+    }
+}
+
+impl NodeRelays {
+    /// Hands a reply to the request waiting for it.
+    fn answer(&self, entry: &mut NodeEntry, relay_id: u64, reply: Reply) {
+        match entry.asks.remove(&relay_id) {
+            // A caller that has just given up drops the reply with its receiver.
+            Some(tx) => drop(tx.send(reply)),
+            None => debug!(node = %self.node, relay_id, "late or unknown reply dropped"),
         }
     }
 }
@@ -402,6 +602,26 @@ fn cancel(out: &Outbound, relay_id: u64) {
                     let _ = out.send(message).await;
                 });
             }
+        }
+    }
+}
+
+/// Takes a request with one answer out of its session's table when its caller stops waiting.
+struct AskGuard {
+    inner: Arc<Inner>,
+    node: String,
+    session: u64,
+    relay_id: u64,
+}
+
+impl Drop for AskGuard {
+    fn drop(&mut self) {
+        let mut nodes = self.inner.lock();
+        if let Some(entry) = nodes
+            .get_mut(&self.node)
+            .filter(|e| e.session == self.session)
+        {
+            entry.asks.remove(&self.relay_id);
         }
     }
 }
@@ -667,6 +887,161 @@ mod tests {
         };
         assert_eq!(delivered, RELAY_QUEUE);
         assert_eq!(status.code(), Code::ResourceExhausted);
+    }
+
+    fn stats_reply(relay_id: u64, instance: &str) -> Frame {
+        Frame::Stats(pb::StatsReply {
+            relay_id,
+            node: Some(pb::NodeUsage {
+                cpu_cores: 0.5,
+                ..Default::default()
+            }),
+            instances: vec![pb::InstanceUsage {
+                instance_id: instance.into(),
+                ..Default::default()
+            }],
+            error: String::new(),
+        })
+    }
+
+    const ASK: std::time::Duration = std::time::Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn stats_replies_reach_their_asker_by_relay_id() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let first = tokio::spawn({
+            let relays = relays.clone();
+            async move { relays.stats("n1", vec!["web-1".into()], ASK).await }
+        });
+        let second = tokio::spawn({
+            let relays = relays.clone();
+            async move { relays.stats("n1", vec![], ASK).await }
+        });
+        let mut asked = Vec::new();
+        while asked.len() < 2 {
+            match agent.recv().await.unwrap().unwrap().message.unwrap() {
+                ToAgent::StatsRequest(request) => asked.push(request),
+                other => panic!("expected a stats request, got {other:?}"),
+            }
+        }
+        asked.sort_by_key(|r| r.instance_ids.len());
+        let (all, one) = (&asked[0], &asked[1]);
+        assert_eq!(one.instance_ids, ["web-1"]);
+        assert_ne!(all.relay_id, one.relay_id);
+        // Answered in the other order; each asker gets its own reply; strays are dropped.
+        node.deliver(stats_reply(999, "stray"));
+        node.deliver(stats_reply(all.relay_id, "for-all"));
+        node.deliver(stats_reply(one.relay_id, "for-one"));
+        let got = first.await.unwrap().unwrap();
+        assert_eq!(got.instances[0].instance_id, "for-one");
+        let got = second.await.unwrap().unwrap();
+        assert_eq!(got.instances[0].instance_id, "for-all");
+        assert_eq!(relays.asks_waiting("n1"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stats_request_times_out_and_a_late_reply_is_dropped() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let err = relays.stats("n1", vec![], ASK).await.unwrap_err();
+        assert_eq!(
+            err,
+            AskError::TimedOut {
+                node: "n1".into(),
+                after: ASK
+            }
+        );
+        assert!(err.to_string().contains("within 5s"), "{err}");
+        assert_eq!(relays.asks_waiting("n1"), 0);
+        let ToAgent::StatsRequest(request) = sent(&mut agent) else {
+            panic!("expected a stats request")
+        };
+        node.deliver(stats_reply(request.relay_id, "late"));
+        assert_eq!(relays.asks_waiting("n1"), 0);
+    }
+
+    #[tokio::test]
+    async fn stats_of_an_unknown_node_an_ended_session_and_an_agent_error() {
+        let relays = Relays::new("sched-a");
+        let err = relays.stats("n1", vec![], ASK).await.unwrap_err();
+        assert_eq!(
+            err,
+            AskError::NoSession {
+                node: "n1".into(),
+                replica: "sched-a".into()
+            }
+        );
+
+        let (node, mut agent) = session(&relays, "n1");
+        let asking = tokio::spawn({
+            let relays = relays.clone();
+            async move { relays.stats("n1", vec![], ASK).await }
+        });
+        let Ok(Some(ToAgent::StatsRequest(_))) = agent.recv().await.unwrap().map(|m| m.message)
+        else {
+            panic!("expected a stats request")
+        };
+        drop(node);
+        let err = asking.await.unwrap().unwrap_err();
+        assert_eq!(err, AskError::Ended { node: "n1".into() });
+
+        let (node, mut agent) = session(&relays, "n1");
+        let asking = tokio::spawn({
+            let relays = relays.clone();
+            async move { relays.stats("n1", vec![], ASK).await }
+        });
+        let Ok(Some(ToAgent::StatsRequest(request))) =
+            agent.recv().await.unwrap().map(|m| m.message)
+        else {
+            panic!("expected a stats request")
+        };
+        node.deliver(Frame::Stats(pb::StatsReply {
+            relay_id: request.relay_id,
+            error: "listing containers: no runtime".into(),
+            ..Default::default()
+        }));
+        let err = asking.await.unwrap().unwrap_err();
+        assert_eq!(
+            err,
+            AskError::Failed {
+                node: "n1".into(),
+                message: "listing containers: no runtime".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn image_replies_reach_their_asker_with_the_agents_code() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let asking = tokio::spawn({
+            let relays = relays.clone();
+            async move {
+                relays
+                    .images("n1", pb::ImageAction::Remove, "busybox:1".into(), ASK)
+                    .await
+            }
+        });
+        let Ok(Some(ToAgent::ImageRequest(request))) =
+            agent.recv().await.unwrap().map(|m| m.message)
+        else {
+            panic!("expected an image request")
+        };
+        assert_eq!(request.action, pb::ImageAction::Remove as i32);
+        assert_eq!(request.reference, "busybox:1");
+        // A stats reply under another id does not answer it.
+        node.deliver(stats_reply(request.relay_id + 1, "stray"));
+        node.deliver(Frame::Images(pb::ImageReply {
+            relay_id: request.relay_id,
+            code: Code::FailedPrecondition as i32,
+            message: "image busybox:1 is used by instance web-1".into(),
+            ..Default::default()
+        }));
+        let reply = asking.await.unwrap().unwrap();
+        assert_eq!(reply.code, Code::FailedPrecondition as i32);
+        assert!(reply.message.contains("web-1"));
+        assert_eq!(relays.asks_waiting("n1"), 0);
     }
 
     #[tokio::test]

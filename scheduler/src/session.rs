@@ -64,6 +64,8 @@
 //! node records change the peers: one task per process rebuilds a table of every node's route
 //! at most once per [`NETWORK_COALESCE`] and logs which nodes changed; each session sends its
 //! agent the changes since its last message (the complete list when it is too far behind).
+//! `names` (every workload's Ready addresses, for the agents' name responders) go out the same
+//! way, from the table of [`crate::names`].
 //!
 //! # Serving
 //!
@@ -79,7 +81,7 @@
 //! the store leaves no unread frames behind; afterwards it reads its stream continuously
 //! (h2 closes a whole connection once too many small frames sit unread on it).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -99,8 +101,10 @@ use tracing::{debug, info, warn};
 
 use crate::api::convert;
 use crate::cache::{Cache, View};
+use crate::changelog::ChangeLog;
 use crate::liveness::LiveKeys;
 use crate::model::{self, InstanceRecord, NodeRecord, RevisionRecord, Timestamp, keys};
+use crate::names::{self, NameTable};
 use crate::network::{self, Cidr};
 use crate::placement::Resources;
 use crate::relay::{Frame, NodeRelays, Relays};
@@ -278,6 +282,8 @@ impl SessionService {
                 subnet_cursor: AtomicU64::new(0),
                 networks: Arc::new(Mutex::new(NetworkTable::default())),
                 network_versions: OnceLock::new(),
+                names: Arc::new(Mutex::new(NameTable::default())),
+                name_versions: OnceLock::new(),
                 writer: OnceLock::new(),
                 live: OnceLock::new(),
                 relays: Relays::new(config_identity),
@@ -348,6 +354,10 @@ struct Shared {
     /// The network table's version, published by its maintainer (started by the first
     /// session).
     network_versions: OnceLock<watch::Receiver<u64>>,
+    /// Every workload's Ready addresses, built once per change for all sessions.
+    names: Arc<Mutex<NameTable>>,
+    /// The name table's version, published by its maintainer (started by the first session).
+    name_versions: OnceLock<watch::Receiver<u64>>,
 }
 
 /// One status put, encoded.
@@ -385,6 +395,8 @@ struct NodeState {
     relays: NodeRelays,
     /// The network as last sent: the table's version, and the node's own subnet.
     network: Option<(u64, String)>,
+    /// The version of the name table last sent.
+    names: Option<u64>,
 }
 
 /// Rebuilds `table` from the cache whenever nodes change, at most once per
@@ -395,7 +407,7 @@ async fn maintain_networks(cache: Cache, table: Arc<Mutex<NetworkTable>>, tx: wa
         {
             let mut table = table.lock().expect("network table lock");
             table.refresh(&cache.read());
-            let version = table.version;
+            let version = table.version();
             tx.send_if_modified(|v| std::mem::replace(v, version) != version);
         }
         if membership.changed().await.is_err() {
@@ -404,10 +416,6 @@ async fn maintain_networks(cache: Cache, table: Arc<Mutex<NetworkTable>>, tx: wa
         tokio::time::sleep(NETWORK_COALESCE).await;
     }
 }
-
-/// Versions of the network table a session can catch up on with a `delta`; a session further
-/// behind gets the complete list.
-const NETWORK_LOG: usize = 64;
 
 /// Every node's route target (its subnet and address), built once per change of the nodes for
 /// all the sessions of the process, with a log of which nodes each version changed: a session
@@ -418,12 +426,10 @@ const NETWORK_LOG: usize = 64;
 struct NetworkTable {
     /// `View::membership` the table was built at.
     membership: Option<u64>,
-    /// One more per change of content.
-    version: u64,
     /// Node → (subnet, address), for nodes that have a subnet.
     nodes: BTreeMap<String, (String, String)>,
-    /// (version, the nodes it changed), oldest first.
-    log: VecDeque<(u64, Vec<String>)>,
+    /// The version, and which nodes each recent version changed.
+    log: ChangeLog,
     /// Messages of the current version, by the version they start from (`None`: the
     /// complete list).
     encoded: HashMap<Option<u64>, Arc<SharedNetwork>>,
@@ -470,37 +476,20 @@ impl NetworkTable {
         if changed.is_empty() {
             return;
         }
-        self.version += 1;
         self.nodes = nodes;
         self.encoded.clear();
-        self.log.push_back((self.version, changed));
-        while self.log.len() > NETWORK_LOG {
-            self.log.pop_front();
-        }
+        self.log.record(changed);
     }
 
-    /// The nodes changed after version `since`; `None` when the log does not reach back.
-    fn changes_since(&self, since: u64) -> Option<BTreeSet<&str>> {
-        if since == self.version {
-            return Some(BTreeSet::new());
-        }
-        let oldest = self.log.front()?.0;
-        if since + 1 < oldest || since > self.version {
-            return None;
-        }
-        Some(
-            self.log
-                .iter()
-                .filter(|(version, _)| *version > since)
-                .flat_map(|(_, nodes)| nodes.iter().map(String::as_str))
-                .collect(),
-        )
+    /// The current version.
+    fn version(&self) -> u64 {
+        self.log.version()
     }
 
     /// The message taking a session from version `since` (`None`: nothing sent yet) to the
     /// current version, with whether it is a delta; encoded at most once per starting point.
     fn message(&mut self, since: Option<u64>) -> (Arc<SharedNetwork>, bool) {
-        let changes = since.and_then(|since| self.changes_since(since));
+        let changes = since.and_then(|since| self.log.changes_since(since));
         let key = changes.is_some().then_some(since).flatten();
         if let Some(shared) = self.encoded.get(&key) {
             return (shared.clone(), key.is_some());
@@ -662,8 +651,10 @@ impl Shared {
             reported: HashMap::new(),
             relays,
             network: None,
+            names: None,
         };
         let mut network_versions = self.network_versions();
+        let mut name_versions = self.name_versions();
         self.record_statuses(&mut state, registration.instances)
             .await;
 
@@ -693,6 +684,10 @@ impl Shared {
         if !self.send_network(&mut state, out).await {
             return Ok(());
         }
+        name_versions.mark_unchanged();
+        if !self.send_names(&mut state, out).await {
+            return Ok(());
+        }
 
         loop {
             tokio::select! {
@@ -717,6 +712,11 @@ impl Shared {
                 }
                 Ok(()) = network_versions.changed() => {
                     if !self.send_network(&mut state, out).await {
+                        return Ok(());
+                    }
+                }
+                Ok(()) = name_versions.changed() => {
+                    if !self.send_names(&mut state, out).await {
                         return Ok(());
                     }
                 }
@@ -877,6 +877,8 @@ impl Shared {
             Some(FromAgent::Logs(frame)) => state.relays.deliver(Frame::Logs(frame)),
             Some(FromAgent::ExecOutput(frame)) => state.relays.deliver(Frame::Exec(frame)),
             Some(FromAgent::RelayEnd(end)) => state.relays.deliver(Frame::End(end)),
+            Some(FromAgent::Stats(reply)) => state.relays.deliver(Frame::Stats(reply)),
+            Some(FromAgent::Images(reply)) => state.relays.deliver(Frame::Images(reply)),
             None => debug!(node = %state.name, "empty agent message ignored"),
         }
         Ok(())
@@ -946,6 +948,36 @@ impl Shared {
             .clone()
     }
 
+    /// The name table's versions; the first call starts the task that rebuilds the table when
+    /// Ready addresses change (at most once per [`names::NAMES_COALESCE`]).
+    fn name_versions(&self) -> watch::Receiver<u64> {
+        self.name_versions
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(0);
+                tokio::spawn(names::maintain(self.cache.clone(), self.names.clone(), tx));
+                rx
+            })
+            .clone()
+    }
+
+    /// Sends the workloads' Ready addresses when they changed since they were last sent — the
+    /// complete table first, then only what changed; returns false when the agent's stream is
+    /// gone.
+    async fn send_names(&self, state: &mut NodeState, out: &Outbound) -> bool {
+        let (version, shared) = {
+            let mut table = self.names.lock().expect("name table lock");
+            if !table.is_built() {
+                table.refresh(&self.cache.read(), self.cache.take_endpoint_changes());
+            }
+            (table.version(), table.message(state.names))
+        };
+        state.names = Some(version);
+        if shared.is_empty() {
+            return true;
+        }
+        send(out, ToAgent::Names(shared.to_pb())).await
+    }
+
     fn writer(&self) -> &mpsc::Sender<Vec<StatusWrite>> {
         self.writer.get_or_init(|| {
             let (tx, rx) = mpsc::channel(STATUS_QUEUE);
@@ -974,7 +1006,7 @@ impl Shared {
                 .as_ref()
                 .filter(|_| same_subnet)
                 .map(|(sent, _)| *sent);
-            (table.version, own_subnet, table.message(since))
+            (table.version(), own_subnet, table.message(since))
         };
         let (shared, delta) = message;
         let nothing_new = delta
@@ -1615,7 +1647,7 @@ mod tests {
             .insert("a".into(), node("10.88.0.0/24", "10.0.0.1"));
         view.membership = 1;
         table.refresh(&view);
-        assert_eq!(table.version, 1);
+        assert_eq!(table.version(), 1);
         view.nodes
             .insert("b".into(), node("10.88.1.0/24", "10.0.0.2"));
         view.membership = 2;
@@ -1623,21 +1655,21 @@ mod tests {
         // A membership change that changes no route (a node turning NotReady) is no version.
         view.membership = 3;
         table.refresh(&view);
-        assert_eq!(table.version, 2);
+        assert_eq!(table.version(), 2);
         view.nodes.remove("a");
         view.membership = 4;
         table.refresh(&view);
-        assert_eq!(table.changes_since(3), Some(BTreeSet::new()));
-        assert_eq!(table.changes_since(1), Some(["a", "b"].into()));
-        assert_eq!(table.changes_since(2), Some(["a"].into()));
+        assert_eq!(table.log.changes_since(3), Some(BTreeSet::new()));
+        assert_eq!(table.log.changes_since(1), Some(["a", "b"].into()));
+        assert_eq!(table.log.changes_since(2), Some(["a"].into()));
         // Further behind than the log reaches: the complete list instead.
-        for n in 0..NETWORK_LOG as u64 + 1 {
+        for n in 0..crate::changelog::KEPT_VERSIONS as u64 + 1 {
             view.nodes
                 .insert(format!("n{n}"), node("10.88.9.0/24", "10.0.0.9"));
             view.membership = 10 + n;
             table.refresh(&view);
         }
-        assert_eq!(table.changes_since(1), None);
+        assert_eq!(table.log.changes_since(1), None);
     }
 
     #[test]
@@ -1737,11 +1769,12 @@ mod tests {
             (agent, welcome, set)
         }
 
-        /// The next message other than `network` (see [`Agent::network`]).
+        /// The next message other than `network` and `names` (see [`Agent::network`],
+        /// [`Agent::names`]).
         async fn next(&mut self) -> ToAgent {
             loop {
                 match self.next_any().await {
-                    ToAgent::Network(_) => continue,
+                    ToAgent::Network(_) | ToAgent::Names(_) => continue,
                     other => return other,
                 }
             }
@@ -1762,6 +1795,22 @@ mod tests {
             loop {
                 if let ToAgent::Network(network) = self.next_any().await {
                     return network;
+                }
+            }
+        }
+
+        /// The next `names` message, skipping others: (delta, workload → addresses, removed).
+        async fn names(&mut self) -> (bool, Vec<(String, Vec<String>)>, Vec<String>) {
+            loop {
+                if let ToAgent::Names(table) = self.next_any().await {
+                    let entries =
+                        <pb::NameEntries as prost::Message>::decode(table.workloads).unwrap();
+                    let entries = entries
+                        .workloads
+                        .into_iter()
+                        .map(|w| (w.workload, w.addresses))
+                        .collect();
+                    return (table.delta, entries, table.removed);
                 }
             }
         }
@@ -2052,6 +2101,66 @@ mod tests {
         let delta = agent.delta().await;
         assert_eq!(delta.upserts.len(), 1);
         assert_eq!(delta.upserts[0].instance_id, "web-d");
+        scheduler.stop().await;
+    }
+
+    #[tokio::test]
+    async fn names_follow_ready_instances_on_every_node() {
+        let store = store().await;
+        let s = &*store.store;
+        put_revision(s, "web", 1, "nginx").await;
+        put_instance(s, &instance("web", "web-a", "n1")).await;
+        put_instance(s, &instance("web", "web-b", "n2")).await;
+        let scheduler = Scheduler::start(store.store.clone(), config("s", TTL)).await;
+        let (mut n1, _, _) = Agent::register(&scheduler.addr, register("n1")).await;
+        let (n2, _, _) = Agent::register(&scheduler.addr, register("n2")).await;
+        // The first table is complete, and empty: nothing is Ready yet.
+        assert_eq!(n1.names().await, (false, Vec::new(), Vec::new()));
+        let with_ip = |id: &str, state, ip: &str| pb::InstanceStatus {
+            ip: ip.into(),
+            ..status(id, state)
+        };
+        let web = |ips: &[&str]| {
+            vec![(
+                "web".to_owned(),
+                ips.iter().map(|ip| (*ip).to_owned()).collect::<Vec<_>>(),
+            )]
+        };
+        // An instance on the other node becomes Ready: n1 hears of it.
+        n2.report(vec![with_ip(
+            "web-b",
+            pb::InstanceState::Ready,
+            "10.88.1.2",
+        )])
+        .await;
+        assert_eq!(n1.names().await, (true, web(&["10.88.1.2"]), Vec::new()));
+        n1.report(vec![with_ip(
+            "web-a",
+            pb::InstanceState::Ready,
+            "10.88.0.2",
+        )])
+        .await;
+        assert_eq!(
+            n1.names().await,
+            (true, web(&["10.88.0.2", "10.88.1.2"]), Vec::new())
+        );
+        // Not Ready any more: its address goes.
+        n2.report(vec![with_ip(
+            "web-b",
+            pb::InstanceState::Running,
+            "10.88.1.2",
+        )])
+        .await;
+        assert_eq!(n1.names().await, (true, web(&["10.88.0.2"]), Vec::new()));
+        // The last instance removed: the name goes.
+        s.delete(keys::instance("web", "web-a").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(n1.names().await, (true, Vec::new(), vec!["web".to_owned()]));
+        // A new session starts from the complete table again.
+        drop(n1);
+        let (mut again, _, _) = Agent::register(&scheduler.addr, register("n1")).await;
+        assert_eq!(again.names().await, (false, Vec::new(), Vec::new()));
         scheduler.stop().await;
     }
 

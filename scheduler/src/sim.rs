@@ -522,7 +522,10 @@ impl Agent {
             | FromScheduler::Logs(_)
             | FromScheduler::ExecStart(_)
             | FromScheduler::ExecInput(_)
-            | FromScheduler::RelayCancel(_) => {}
+            | FromScheduler::RelayCancel(_)
+            | FromScheduler::StatsRequest(_)
+            | FromScheduler::ImageRequest(_)
+            | FromScheduler::Names(_) => {}
         }
     }
 

@@ -14,6 +14,8 @@
 //! | `logs.rs` | `logs NAME|INSTANCE [-f]`: output relayed from the node |
 //! | `exec.rs` | `exec [-i] [-t] INSTANCE -- CMD…`: a command relayed to the node |
 //! | `up.rs` | `up`, `down`: a local cluster as background processes |
+//! | `top.rs` | `top nodes|instances`: CPU and memory in use, measured by the agents |
+//! | `image.rs` | `image ls|rm|prune`: the nodes' images, through the scheduler |
 
 pub mod apply;
 pub mod describe;
@@ -21,11 +23,13 @@ pub mod error;
 pub mod events;
 pub mod exec;
 pub mod get;
+pub mod image;
 pub mod logs;
 pub mod node;
 pub mod output;
 pub mod rollout;
 pub mod run;
+pub mod top;
 pub mod up;
 pub mod view;
 
@@ -86,6 +90,12 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Run a command in a running instance.
     Exec(exec::ExecArgs),
+    /// Show CPU and memory in use by nodes or instances.
+    #[command(subcommand)]
+    Top(top::TopCommand),
+    /// List, remove or prune the images on the nodes.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Start a single-machine cluster (scheduler and agent) in the background.
     Up(up::UpArgs),
     /// Stop the cluster `gantry up` started (and its containers, unless --keep).
@@ -158,6 +168,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(&mut ctx, args).await,
         Command::Logs(args) => logs::logs(&mut ctx, args).await,
         Command::Exec(args) => exec::exec(&mut ctx, args).await,
+        Command::Top(command) => top::top(&mut ctx, command).await,
+        Command::Image(command) => image::image(&mut ctx, command).await,
         Command::Up(args) => up::up(&mut ctx, args).await,
         Command::Down(args) => up::down(&mut ctx, args).await,
     }

@@ -347,19 +347,22 @@ impl Task {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("preparing the root filesystem: {e}"))?;
-        // Bridge instances get a namespace on the node network (CNI), named in /etc/hosts.
-        let (network, hostname, hosts) = match spec.network {
-            Network::Host => (NetworkMode::Host, None, Default::default()),
-            Network::None => (NetworkMode::None, None, Default::default()),
+        // Bridge instances get a namespace on the node network (CNI), named in /etc/hosts, and
+        // the node's name responder as their resolver.
+        let (network, hostname, hosts, resolv_conf) = match spec.network {
+            Network::Host => (NetworkMode::Host, None, Default::default(), None),
+            Network::None => (NetworkMode::None, None, Default::default(), None),
             Network::Bridge => match self.env.net.attach(&self.id, &spec.ports).await {
                 Ok(attached) => {
                     self.status.ip = attached.ip.addr().to_string();
                     let hostname = super::net::hostname(&self.id);
                     let hosts = super::net::hosts(&hostname, &attached);
+                    let resolv_conf = self.env.net.resolv_conf(&attached);
                     (
                         NetworkMode::Path(attached.netns_path),
                         Some(hostname),
                         hosts,
+                        resolv_conf,
                     )
                 }
                 Err(err) => {
@@ -388,6 +391,7 @@ impl Task {
             mounts: Vec::new(),
             network,
             hosts,
+            resolv_conf,
             privileged: false,
             cap_add: Vec::new(),
             cap_drop: Vec::new(),

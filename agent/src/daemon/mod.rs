@@ -11,7 +11,9 @@
 //! Containers whose instance is no longer assigned are removed only once the first assignment
 //! set has arrived.
 
+pub mod dns;
 pub mod image_gc;
+pub mod images;
 pub mod instance;
 pub mod metrics;
 pub mod net;
@@ -19,6 +21,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod relay;
 pub mod session;
+pub mod stats;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -99,6 +102,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
     }
     let net = Arc::new(net);
     let net_task = tokio::spawn(net.clone().run());
+    let (names_tx, names_rx) = watch::channel(dns::Names::new());
+    let dns_task = config
+        .network
+        .dns
+        .clone()
+        .map(|dns| tokio::spawn(dns::run(dns, net.gateways(), names_rx)));
     info!(node = %config.name, instances = restored.len(), "agent starting");
     let register = registration(&config);
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
@@ -131,6 +140,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
         restored.clone(),
         desired_tx,
         network_tx,
+        names_tx,
         reports_rx,
         shutdown.clone(),
         relay::Relays::new(env.clone()),
@@ -227,6 +237,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
     }
     session.abort();
     net_task.abort();
+    if let Some(task) = dns_task {
+        task.abort();
+    }
     Ok(())
 }
 

@@ -49,6 +49,9 @@ pub struct NetConfig {
     pub fallback_subnet: IpNet,
     /// The bridge of the default conflist.
     pub bridge: String,
+    /// The name responder ([`super::dns`]); `None` when turned off (`--dns=false`): containers
+    /// then get the host's resolvers.
+    pub dns: Option<super::dns::DnsConfig>,
 }
 
 impl Default for NetConfig {
@@ -58,6 +61,7 @@ impl Default for NetConfig {
             plugin_dirs: Vec::new(),
             fallback_subnet: DEFAULT_SUBNET.parse().expect("the default subnet parses"),
             bridge: DEFAULT_BRIDGE.to_owned(),
+            dns: Some(super::dns::DnsConfig::default()),
         }
     }
 }
@@ -141,6 +145,8 @@ pub struct Net {
     loaded: watch::Sender<Option<Loaded>>,
     /// The subnet the default conflist was last written for.
     subnet: Mutex<Option<IpNet>>,
+    /// The gateway address of the node network, where the name responder listens.
+    gateway: watch::Sender<Option<IpAddr>>,
 }
 
 impl Net {
@@ -159,6 +165,7 @@ impl Net {
             data_dir: data_dir.to_owned(),
             loaded: watch::channel(None).0,
             subnet: Mutex::new(None),
+            gateway: watch::channel(None).0,
             config,
         };
         let path = net.conflist_path();
@@ -258,6 +265,11 @@ impl Net {
             network: Arc::new(network),
         }));
         *current = Some(subnet);
+        // The bridge plugin gives the bridge the subnet's first address (`isGateway`).
+        if let Some(gateway) = subnet.hosts().next() {
+            self.gateway
+                .send_if_modified(|g| g.replace(gateway) != Some(gateway));
+        }
         info!(%subnet, conflist = %path.display(), "container network ready");
         Ok(())
     }
@@ -295,7 +307,7 @@ impl Net {
     pub async fn attach(&self, id: &str, ports: &[Port]) -> Result<Attachment, String> {
         let network = self.network().await?;
         let mappings = port_mappings(ports);
-        match network.attach(id, &mappings).await {
+        let attached = match network.attach(id, &mappings).await {
             Err(NetworkError::AlreadyAttached { .. }) => {
                 network.detach(id).await.map_err(|e| error_chain(&e))?;
                 network
@@ -304,7 +316,28 @@ impl Net {
                     .map_err(|e| error_chain(&e))
             }
             other => other.map_err(|e| error_chain(&e)),
+        }?;
+        // The bridge exists now: the name responder binds at once rather than at its next try.
+        if let Some(gateway) = attached.gateway {
+            self.gateway.send_replace(Some(gateway));
         }
+        Ok(attached)
+    }
+
+    /// The gateway address of the node network as it becomes known (from the default
+    /// conflist's subnet, and from each attachment), for the name responder.
+    pub fn gateways(&self) -> watch::Receiver<Option<IpAddr>> {
+        self.gateway.subscribe()
+    }
+
+    /// The /etc/resolv.conf of an attached container when the name responder is on: its
+    /// gateway as the nameserver, `search gantry`; `None` when the responder is off or the
+    /// network has no gateway (the container gets the host's resolvers).
+    pub fn resolv_conf(&self, attachment: &Attachment) -> Option<String> {
+        let dns = self.config.dns.as_ref()?;
+        let gateway = attachment.gateway?;
+        let host = std::fs::read_to_string(&dns.resolv_conf).unwrap_or_default();
+        Some(super::dns::resolv_conf(gateway, &host))
     }
 
     /// Detaches instance `id` (CNI DEL, namespace removed); nothing to do when it is not attached.

@@ -10,6 +10,9 @@
 //! - Exec runs the command with the runtime's streaming exec; stdin, `close_stdin` (EOF) and
 //!   resizes are applied in order; the last output frame carries the exit code.
 //! - `relay_cancel`, and the end of the session, stop a relay: an exec's process is killed.
+//! - `stats_request` and `image_request` are answered by one `stats` or `images` message from
+//!   a task of their own ([`super::stats::measure`], [`super::images::answer`]), which needs no
+//!   cancelling: it ends within its window or its store operation.
 //!
 //! Relay frames go to the session through their own bounded queue, which the session sends
 //! after its own messages (heartbeats, status reports), so relays never hold those up; relay
@@ -171,10 +174,34 @@ impl SessionRelays {
                         .send((code::CANCELLED, "cancelled by the client".into()));
                 }
             }
+            FromScheduler::StatsRequest(request) => {
+                let env = self.env.clone();
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    let reply = super::stats::measure(env, request).await;
+                    let message = pb::AgentMessage {
+                        message: Some(ToScheduler::Stats(reply)),
+                    };
+                    // A session that ended meanwhile has no one to answer.
+                    let _ = out.send(message).await;
+                });
+            }
+            FromScheduler::ImageRequest(request) => {
+                let env = self.env.clone();
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    let reply = super::images::answer(env, request).await;
+                    let message = pb::AgentMessage {
+                        message: Some(ToScheduler::Images(reply)),
+                    };
+                    let _ = out.send(message).await;
+                });
+            }
             FromScheduler::Welcome(_)
             | FromScheduler::Assignments(_)
             | FromScheduler::AssignmentDelta(_)
-            | FromScheduler::Network(_) => {}
+            | FromScheduler::Network(_)
+            | FromScheduler::Names(_) => {}
         }
     }
 

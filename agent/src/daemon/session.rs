@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
+use super::dns::Names;
 use super::net::NodeNetwork;
 use super::reconcile::Assigned;
 use super::relay::{self, Relays};
@@ -53,7 +54,8 @@ pub struct Dial {
 
 /// Runs the session until `shutdown`: publishes the desired set to `desired` (starting from
 /// the first set received after registration; `None` until then), publishes what the scheduler
-/// says about the node's network to `network` (from the `welcome`, before the first set), and
+/// says about the node's network to `network` (from the `welcome`, before the first set), keeps
+/// the cluster's instance names in `names` (for the name responder), and
 /// sends what arrives on `reports`. `register` is the registration, without instances; `restored` are the statuses
 /// found on the machine. `relays` serves the logs and exec relays the scheduler opens.
 // Each argument is one channel of the daemon's wiring; a struct would only rename them.
@@ -64,6 +66,7 @@ pub async fn run(
     restored: Vec<Status>,
     desired: watch::Sender<Option<Desired>>,
     network: watch::Sender<Option<NodeNetwork>>,
+    names: watch::Sender<Names>,
     mut reports: mpsc::UnboundedReceiver<Status>,
     mut shutdown: watch::Receiver<bool>,
     relays: Relays,
@@ -74,6 +77,7 @@ pub async fn run(
         latest: restored.into_iter().map(|s| (s.id.clone(), s)).collect(),
         desired,
         network,
+        names,
         peer_routes: BTreeMap::new(),
         applied: 0,
         rng: seed(),
@@ -161,6 +165,8 @@ struct Session {
     latest: BTreeMap<String, Status>,
     desired: watch::Sender<Option<Desired>>,
     network: watch::Sender<Option<NodeNetwork>>,
+    /// The cluster's instance names, for the name responder.
+    names: watch::Sender<Names>,
     /// The other nodes' routes as the scheduler last listed them, by node (the base that
     /// `delta` network messages change).
     peer_routes: BTreeMap<String, pb::PeerRoute>,
@@ -246,7 +252,9 @@ impl Session {
                             FromScheduler::Logs(_)
                             | FromScheduler::ExecStart(_)
                             | FromScheduler::ExecInput(_)
-                            | FromScheduler::RelayCancel(_) => relays.handle(received),
+                            | FromScheduler::RelayCancel(_)
+                            | FromScheduler::StatsRequest(_)
+                            | FromScheduler::ImageRequest(_) => relays.handle(received),
                             received => self.receive(received),
                         }
                     }
@@ -364,10 +372,24 @@ impl Session {
                     }
                 }
             }
+            FromScheduler::Names(table) => {
+                let mut result = Ok(());
+                // Applied in place: a delta costs what it changes, not the whole table.
+                self.names.send_if_modified(|names| {
+                    result = super::dns::apply(names, table);
+                    result.is_ok()
+                });
+                if let Err(err) = result {
+                    // The names stay as they were; the next complete table sets them right.
+                    warn!(%err, "unreadable name table ignored");
+                }
+            }
             FromScheduler::Logs(_)
             | FromScheduler::ExecStart(_)
             | FromScheduler::ExecInput(_)
-            | FromScheduler::RelayCancel(_) => {
+            | FromScheduler::RelayCancel(_)
+            | FromScheduler::StatsRequest(_)
+            | FromScheduler::ImageRequest(_) => {
                 // Handled by the session's relays before `receive`.
             }
         }

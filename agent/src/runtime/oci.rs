@@ -240,10 +240,11 @@ pub fn write_etc_files(
         hosts.push_str(&format!("{addr}\t{name}\n"));
     }
     std::fs::write(etc_dir.join("hosts"), hosts)?;
-    std::fs::write(
-        etc_dir.join("resolv.conf"),
-        container_resolv_conf(host_resolv),
-    )
+    let resolv = match &spec.resolv_conf {
+        Some(given) => given.clone(),
+        None => container_resolv_conf(host_resolv),
+    };
+    std::fs::write(etc_dir.join("resolv.conf"), resolv)
 }
 
 /// The host's resolv.conf without loopback nameservers.

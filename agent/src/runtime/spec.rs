@@ -53,6 +53,9 @@ pub struct ContainerSpec {
     /// Extra /etc/hosts entries: name → address.
     #[serde(default)]
     pub hosts: BTreeMap<String, String>,
+    /// The whole /etc/resolv.conf; `None`: the host's, without loopback nameservers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
     /// Disable all hardening (all capabilities, no seccomp, no masked paths, all devices).
     #[serde(default)]
     pub privileged: bool,
@@ -211,6 +214,7 @@ impl ContainerSpec {
             mounts: Vec::new(),
             network: NetworkMode::None,
             hosts: BTreeMap::new(),
+            resolv_conf: None,
             privileged: false,
             cap_add: Vec::new(),
             cap_drop: Vec::new(),

@@ -151,6 +151,16 @@ impl Instances for InstancesService {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn top(
+        &self,
+        request: Request<pb::TopInstancesRequest>,
+    ) -> Result<Response<pb::TopInstancesResponse>, Status> {
+        let budget = self.shared.budget(&request);
+        let pb::TopInstancesRequest { workload, node } = request.into_inner();
+        let response = super::top::instances(&self.shared, budget, workload, node).await?;
+        Ok(Response::new(response))
+    }
 }
 
 impl InstancesService {

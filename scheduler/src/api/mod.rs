@@ -1,4 +1,4 @@
-//! The scheduler's gRPC API (`gantry.v1`): the Workloads, Instances, Nodes and Events
+//! The scheduler's gRPC API (`gantry.v1`): the Workloads, Instances, Nodes, Images and Events
 //! services, with gRPC health and reflection, served by every scheduler replica.
 //!
 //! The handlers are thin: convert the request ([`convert`]), call a use case ([`crate::ops`]),
@@ -11,6 +11,8 @@
 //! | `workloads.rs` | `Workloads`: Apply, Get, List, Delete, Scale, History, Rollback |
 //! | `instances.rs` | `Instances`: List, Get, and Logs and Exec relayed over node sessions |
 //! | `nodes.rs` | `Nodes`: List, Get, Cordon, Uncordon, Drain |
+//! | `top.rs` | `Nodes.Top`, `Instances.Top`: usage asked of the agents over their sessions |
+//! | `images.rs` | `Images`: List, Remove, Prune, asked of the agents over their sessions |
 //! | `events.rs` | `Events`: Watch |
 //!
 //! Limits: requests over [`ApiConfig::max_message_bytes`] are refused with
@@ -21,8 +23,10 @@
 pub mod convert;
 pub mod error;
 mod events;
+mod images;
 mod instances;
 mod nodes;
+pub mod top;
 mod workloads;
 
 use std::convert::Infallible;
@@ -44,6 +48,7 @@ use crate::ops;
 use crate::store::Store;
 
 pub use events::EventsService;
+pub use images::ImagesService;
 pub use instances::InstancesService;
 pub use nodes::NodesService;
 pub use workloads::WorkloadsService;
@@ -215,6 +220,10 @@ impl ApiServer {
         )
         .add_service(
             pb::nodes_server::NodesServer::new(NodesService::new(shared.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::images_server::ImagesServer::new(ImagesService::new(shared.clone()))
                 .max_decoding_message_size(max),
         )
         .add_service(

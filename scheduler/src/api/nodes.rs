@@ -1,4 +1,5 @@
-//! The `Nodes` service: list, get, cordon, uncordon and drain nodes.
+//! The `Nodes` service: list, get, cordon, uncordon and drain nodes; Top asks the agents
+//! (see [`super::top`]).
 
 use std::sync::Arc;
 
@@ -85,5 +86,15 @@ impl Nodes for NodesService {
             instances_to_move: outcome.to_move,
             instances_staying: outcome.staying,
         }))
+    }
+
+    async fn top(
+        &self,
+        request: Request<pb::TopNodesRequest>,
+    ) -> Result<Response<pb::TopNodesResponse>, Status> {
+        let budget = self.shared.budget(&request);
+        let pb::TopNodesRequest { name } = request.into_inner();
+        let response = super::top::nodes(&self.shared, budget, name).await?;
+        Ok(Response::new(response))
     }
 }
