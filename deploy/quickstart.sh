@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Quick start on a fresh Debian machine (as root): installs what Gantry needs, builds it, starts a
-# single-machine cluster with `gantry up`, imports a busybox image built here from
-# busybox-static (no registry needed), runs two busybox httpd Services on it — web-1 on port
-# 8081 and web-2 on 8082, host network — and fetches their pages. Rerunnable: every step is
-# skipped or repeated harmlessly. `gantry down` stops it all.
+# cluster of two nodes on this machine with `gantry up --nodes 2` (each agent in a network
+# namespace of its own, a "host" on a bridge), imports a busybox image built here from
+# busybox-static into both nodes (no registry needed), runs a Service `web` of two busybox httpd
+# replicas publishing port 8080 — one replica per node, since a host port is taken once per node
+# — and fetches the page from each host's published port. Rerunnable: every step is skipped or
+# repeated harmlessly. `gantry down` stops it all and removes the hosts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=(busybox-static libseccomp-dev pkg-config protobuf-compiler curl)
+need=(busybox-static libseccomp-dev pkg-config protobuf-compiler curl iproute2
+  containernetworking-plugins iptables)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,52 +25,55 @@ bin=$PWD/target/release
 gantry=$bin/gantry
 agent=$bin/gantry-agent
 data=${GANTRY_DATA:-/var/lib/gantry}
+net=172.31.250
 image=gantry.local/busybox:1
-export GANTRY_ADDR=http://127.0.0.1:7700
+export GANTRY_ADDR=http://$net.1:7700
 
-# The demo of earlier versions ran containers through `gantry-agent ctr` on ports 8080/8081.
-if [ -d "$data/runtime/containers" ]; then
-  "$agent" ctr --root "$data/runtime" rm --force demo-web-1 demo-web-2 >/dev/null 2>&1 || true
+# A cluster of another shape on this data dir (the single-node one of an earlier version of this
+# demo) goes first.
+if [ -d "$data/run" ] && [ ! -f "$data/run/hosts" ]; then
+  "$gantry" down --data-dir "$data" || true
 fi
 
-# The image, built from /bin/busybox. The agent's image store belongs to the running agent, so
-# an import happens while the agent is down (`down --keep` leaves containers running).
+# The agents own their image stores: import while they are stopped.
 mkdir -p "$data/demo"
-if ! "$agent" image ls --data-dir "$data/agent" | grep -q "^$image "; then
-  deploy/build-busybox-image.sh "$data/demo/busybox.tar" "$image"
-  "$gantry" down --keep --data-dir "$data"
-  "$agent" image import --data-dir "$data/agent" "$data/demo/busybox.tar"
-fi
-
-"$gantry" up --data-dir "$data"
-
-# Two Services of one replica each, on distinct ports: bridge networking (one port per
-# container IP) is not wired into the agent yet, so both share the host network.
 for i in 1 2; do
-  port=$((8080 + i))
-  cat >"$data/demo/web-$i.yaml" <<YAML
+  if ! "$agent" image ls --data-dir "$data/agent-$i" 2>/dev/null | grep -q "^$image "; then
+    [ -f "$data/demo/busybox.tar" ] || deploy/build-busybox-image.sh "$data/demo/busybox.tar" "$image"
+    "$gantry" down --keep --data-dir "$data" >/dev/null
+    "$agent" image import --data-dir "$data/agent-$i" "$data/demo/busybox.tar"
+  fi
+done
+
+"$gantry" up --nodes 2 --data-dir "$data"
+
+cat >"$data/demo/web.yaml" <<'YAML'
 kind: Service
-name: web-$i
-image: $image
+name: web
+replicas: 2
+image: gantry.local/busybox:1
 command: ["sh", "-c"]
-args: ["mkdir -p /www && echo hello from web-$i on \$(hostname) > /www/index.html && exec httpd -f -p 127.0.0.1:$port -h /www"]
-network: host
+args: ["mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"]
+ports: [{container: 80, host: 8080}]
 resources: {cpu: 250m, memory: 32Mi, pids: 64}
 YAML
-  "$gantry" apply -f "$data/demo/web-$i.yaml"
-done
+"$gantry" apply -f "$data/demo/web.yaml"
 
 fetch() {
   if command -v curl >/dev/null; then curl -fsS "$1"; else busybox wget -qO- "$1"; fi
 }
-for port in 8081 8082; do
-  for _ in $(seq 150); do fetch "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.2; done
-  fetch "http://127.0.0.1:$port/" >/dev/null || { echo "nothing answers on port $port; see $data/logs/agent.log" >&2; exit 1; }
+for host in "$net.11" "$net.12"; do
+  for _ in $(seq 150); do fetch "http://$host:8080/" 2>/dev/null && break; sleep 0.2; done
+  fetch "http://$host:8080/" >/dev/null || {
+    echo "nothing answers on $host:8080; see $data/logs/" >&2
+    exit 1
+  }
 done
 echo
-"$gantry" get instances
+"$gantry" get instances -o wide
 echo
-echo "Logs:  $data/logs/{scheduler,agent}.log"
+echo "Use:   export GANTRY_ADDR=$GANTRY_ADDR PATH=$bin:\$PATH; gantry get nodes"
+echo "Logs:  $data/logs/"
 down_flags=""
 [ "$data" = /var/lib/gantry ] || down_flags=" --data-dir $data"
-echo "Stop:  $gantry down$down_flags   (deletes the workloads and stops their containers; --keep keeps them)"
+echo "Stop:  $gantry down$down_flags   (deletes the workloads, stops the nodes, removes the hosts)"
