@@ -10,6 +10,7 @@
 #      when a Docker daemon answers. Target ≤ 0.5× docker run.
 #
 #   deploy/bench-node.sh [replicas] [runs]      default: 100 50
+#   NETWORK=host deploy/bench-node.sh          the replicas on the host network (no CNI)
 #
 # Needs root. Results go to stdout; BENCHMARKS.md records them.
 set -euo pipefail
@@ -44,6 +45,7 @@ name: sleep
 replicas: $replicas
 image: $image
 command: [sleep, "3600"]
+network: ${NETWORK:-bridge}
 stopGracePeriod: 1s
 resources: {cpu: 10m, memory: 8Mi, pids: 8}
 YAML
@@ -58,7 +60,7 @@ until [ "$(running)" -ge "$replicas" ]; do
   sleep 0.05
 done
 took=$(($(now_ms) - start))
-echo "replicas: $replicas of sleep Running on one node in ${took} ms (target ≤ 3000 ms)"
+echo "replicas: $replicas of sleep (network ${NETWORK:-bridge}) Running on one node in ${took} ms (target ≤ 3000 ms)"
 "$gantry" delete workload sleep >/dev/null
 until [ -z "$(ls "$data/agent/runtime/containers" 2>/dev/null)" ]; do
   sleep 0.2
