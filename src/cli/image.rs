@@ -14,8 +14,8 @@ use gantry::pb;
 use serde::Serialize;
 
 use super::error;
-use super::output::{OutputArgs, Table, machine};
-use super::top::{UnavailableDoc, UsageList};
+use super::output::{OutputArgs, Table};
+use super::top::UsageList;
 use super::{Ctx, print};
 
 /// `gantry image …`.
@@ -159,24 +159,13 @@ pub async fn image(ctx: &mut Ctx, command: ImageCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| error::api(s, client.address()))?
                 .into_inner();
-            let list = UsageList {
-                kind: "ImageList",
-                items: response.images.iter().map(ImageDoc::new).collect(),
-                unavailable: response
-                    .unavailable
-                    .iter()
-                    .map(UnavailableDoc::new)
-                    .collect(),
-            };
-            if let Some(text) = machine(args.output.output, &list)? {
-                return print(&text);
-            }
-            print(&table(&list.items, ctx.color))?;
-            warn_unavailable(&response.unavailable);
-            if list.items.is_empty() && list.unavailable.is_empty() {
-                eprintln!("no images found");
-            }
-            Ok(())
+            let items = response.images.iter().map(ImageDoc::new).collect();
+            UsageList::new("ImageList", items, &response.unavailable).show(
+                args.output.output,
+                |list| table(&list.items, ctx.color),
+                "asked",
+                "no images found",
+            )
         }
         ImageCommand::Rm(args) => {
             let request = pb::RemoveImageRequest {

@@ -131,6 +131,39 @@ pub struct UsageList<T> {
     pub unavailable: Vec<UnavailableDoc>,
 }
 
+impl<T: Serialize> UsageList<T> {
+    /// A list of `kind` with the nodes `unavailable` left out.
+    pub fn new(kind: &'static str, items: Vec<T>, unavailable: &[pb::UnavailableNode]) -> Self {
+        UsageList {
+            kind,
+            items,
+            unavailable: unavailable.iter().map(UnavailableDoc::new).collect(),
+        }
+    }
+
+    /// Prints the list: JSON or YAML when asked; else the table `draw` makes, a warning per
+    /// node left out (`not_done`: what was not done to it), and `empty` when nothing is there.
+    pub fn show(
+        &self,
+        format: Format,
+        draw: impl FnOnce(&Self) -> String,
+        not_done: &str,
+        empty: &str,
+    ) -> anyhow::Result<()> {
+        if let Some(text) = machine(format, self)? {
+            return print(&text);
+        }
+        print(&draw(self))?;
+        for u in &self.unavailable {
+            eprintln!("warning: node {} not {not_done}: {}", u.node, u.message);
+        }
+        if self.items.is_empty() && self.unavailable.is_empty() {
+            eprintln!("{empty}");
+        }
+        Ok(())
+    }
+}
+
 fn percent(part: f64, whole: f64) -> f64 {
     if whole > 0.0 {
         (part / whole * 1000.0).round() / 10.0
@@ -201,13 +234,6 @@ pub fn mebibytes(bytes: u64) -> String {
     format!("{}Mi", bytes / (1024 * 1024))
 }
 
-/// Tells stderr which nodes were left out of a table.
-fn warn_unavailable(unavailable: &[UnavailableDoc]) {
-    for u in unavailable {
-        eprintln!("warning: node {} not measured: {}", u.node, u.message);
-    }
-}
-
 /// `gantry top …`.
 pub async fn top(ctx: &mut Ctx, command: TopCommand) -> anyhow::Result<()> {
     let client = ctx.client().await?;
@@ -226,24 +252,14 @@ pub async fn top(ctx: &mut Ctx, command: TopCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| error::api(s, client.address()))?
                 .into_inner();
-            let list = UsageList {
-                kind: "NodeUsageList",
-                items: response.nodes.iter().map(NodeUsageDoc::new).collect(),
-                unavailable: response
-                    .unavailable
-                    .iter()
-                    .map(UnavailableDoc::new)
-                    .collect(),
-            };
-            if let Some(text) = machine(args.output.output, &list)? {
-                return print(&text);
-            }
-            print(&nodes_table(&list, args.output.output, ctx.color))?;
-            warn_unavailable(&list.unavailable);
-            if list.items.is_empty() && list.unavailable.is_empty() {
-                eprintln!("no nodes found");
-            }
-            Ok(())
+            let items = response.nodes.iter().map(NodeUsageDoc::new).collect();
+            let format = args.output.output;
+            UsageList::new("NodeUsageList", items, &response.unavailable).show(
+                format,
+                |list| nodes_table(list, format, ctx.color),
+                "measured",
+                "no nodes found",
+            )
         }
         TopCommand::Instances(args) => {
             let request = pb::TopInstancesRequest {
@@ -256,28 +272,18 @@ pub async fn top(ctx: &mut Ctx, command: TopCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| error::api(s, client.address()))?
                 .into_inner();
-            let list = UsageList {
-                kind: "InstanceUsageList",
-                items: response
-                    .instances
-                    .iter()
-                    .map(InstanceUsageDoc::new)
-                    .collect(),
-                unavailable: response
-                    .unavailable
-                    .iter()
-                    .map(UnavailableDoc::new)
-                    .collect(),
-            };
-            if let Some(text) = machine(args.output.output, &list)? {
-                return print(&text);
-            }
-            print(&instances_table(&list, args.output.output, ctx.color))?;
-            warn_unavailable(&list.unavailable);
-            if list.items.is_empty() && list.unavailable.is_empty() {
-                eprintln!("no running instances found");
-            }
-            Ok(())
+            let items = response
+                .instances
+                .iter()
+                .map(InstanceUsageDoc::new)
+                .collect();
+            let format = args.output.output;
+            UsageList::new("InstanceUsageList", items, &response.unavailable).show(
+                format,
+                |list| instances_table(list, format, ctx.color),
+                "measured",
+                "no running instances found",
+            )
         }
     }
 }
