@@ -77,20 +77,11 @@ pub async fn exec(ctx: &mut Ctx, args: ExecArgs) -> anyhow::Result<()> {
 /// The instance `target` names: itself, or a running instance of the workload of that name
 /// (Ready first, then the oldest id).
 async fn running_instance(client: &Client, target: &str) -> anyhow::Result<String> {
-    let ids = super::logs::resolve(client, target).await?;
-    if ids.len() == 1 && ids[0] == target {
-        return Ok(target.to_owned());
-    }
-    let list = client
-        .instances()
-        .list(client.request(pb::ListInstancesRequest {
-            workload: target.into(),
-            ..Default::default()
-        }))
-        .await
-        .map_err(|status| error::api(status, client.address()))?
-        .into_inner();
-    pick_running(&list.instances).ok_or_else(|| {
+    let instances = match super::logs::lookup(client, target).await? {
+        super::logs::Target::Instance(id) => return Ok(id),
+        super::logs::Target::Workload(instances) => instances,
+    };
+    pick_running(&instances).ok_or_else(|| {
         anyhow::anyhow!(
             "workload {target} has no running instance to exec in; see `gantry get instances \
              --workload {target}`"

@@ -41,7 +41,10 @@ pub struct LogsArgs {
 /// `gantry logs`.
 pub async fn logs(ctx: &mut Ctx, args: LogsArgs) -> anyhow::Result<()> {
     let client = ctx.client().await?;
-    let ids = resolve(&client, &args.target).await?;
+    let ids = match lookup(&client, &args.target).await? {
+        Target::Instance(id) => vec![id],
+        Target::Workload(instances) => instances.into_iter().map(|i| i.id).collect(),
+    };
     let prefix = ids.len() > 1;
     let since = args.since.map(|since| match since {
         Since::Ago(d) => SystemTime::now()
@@ -95,15 +98,23 @@ fn parse_since(text: &str) -> Result<Since, String> {
         })
 }
 
-/// The instance ids `target` names: the instance itself, or the placed instances of the
-/// workload of that name.
-pub async fn resolve(client: &Client, target: &str) -> anyhow::Result<Vec<String>> {
+/// What a `NAME|INSTANCE` argument names.
+pub enum Target {
+    /// An instance, by id.
+    Instance(String),
+    /// A workload, with its instances that are on a node.
+    Workload(Vec<pb::Instance>),
+}
+
+/// What `target` names: the instance with that id, or the placed instances of the workload of
+/// that name (an error when it has none).
+pub async fn lookup(client: &Client, target: &str) -> anyhow::Result<Target> {
     let instance = client
         .instances()
         .get(client.request(pb::GetInstanceRequest { id: target.into() }))
         .await;
     match instance {
-        Ok(instance) => return Ok(vec![instance.into_inner().id]),
+        Ok(instance) => return Ok(Target::Instance(instance.into_inner().id)),
         Err(status) if status.code() == Code::NotFound => {}
         Err(status) => return Err(error::api(status, client.address())),
     }
@@ -130,18 +141,17 @@ pub async fn resolve(client: &Client, target: &str) -> anyhow::Result<Vec<String
         .await
         .map_err(|status| error::api(status, client.address()))?
         .into_inner();
-    let ids: Vec<String> = list
+    let placed: Vec<pb::Instance> = list
         .instances
         .into_iter()
         .filter(|i| !i.node.is_empty())
-        .map(|i| i.id)
         .collect();
-    if ids.is_empty() {
+    if placed.is_empty() {
         bail!(
             "workload {target} has no instance on a node yet; see `gantry get instances --workload {target}`"
         );
     }
-    Ok(ids)
+    Ok(Target::Workload(placed))
 }
 
 /// How lines are shown.
