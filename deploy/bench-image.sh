@@ -3,7 +3,8 @@
 # LAYERS layers from a loopback registry (Debian's docker-registry), by
 #   gantry:        gantry-agent image pull (into a fresh image store: download, verify, unpack)
 #   skopeo+umoci:  skopeo copy docker://… oci:…  then  umoci unpack
-# each RUNS times on the same image in the same run; prints the medians and the ratio.
+# each RUNS times on the same image in the same run, alternating; prints the medians (wall and
+# CPU time) and the ratios.
 #
 #   deploy/bench-image.sh [layers] [runs]      default: 4 5
 #
@@ -62,7 +63,9 @@ for l in $(seq "$layers"); do
   hex=$(blob "$work/layer.tar.gz")
   layer_descs+=("{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$hex\",\"size\":$size}")
 done
-rm -rf "$work/src"
+# The layers' source files stay until the end: this machine's ext4 has no journal, and there
+# the inode allocator skips (slowly) inodes deleted in the last ~30 s, which would tax the first
+# runs. For the same reason every run writes into a directory of its own, deleted at the end.
 arch=$(uname -m)
 case $arch in x86_64) arch=amd64 ;; aarch64) arch=arm64 ;; esac
 join() { local IFS=,; echo "$*"; }
@@ -94,24 +97,34 @@ HOME=$work skopeo --insecure-policy copy --quiet --dest-tls-verify=false --prese
   "oci:$layout:1" "docker://$ref"
 echo "image: $layers layers, $((total / 1048576)) MiB compressed, $((layers * files_per_layer)) files"
 
-now_ms() { date +%s%3N; }
+# The two alternate run by run, so load from other work on the machine falls on both alike.
+# Wall time is what a user waits; user+sys CPU time is steadier on a busy machine.
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-for _ in $(seq "$runs"); do
-  rm -rf "$work/gantry"
-  s=$(now_ms)
-  "$agent" image pull --data-dir "$work/gantry" "$ref" >/dev/null
-  echo $(($(now_ms) - s))
-done >"$work/gantry.ms"
-rm -rf "$work/gantry"
-for _ in $(seq "$runs"); do
-  rm -rf "$work/oci" "$work/bundle"
-  s=$(now_ms)
-  HOME=$work skopeo --insecure-policy copy --quiet --src-tls-verify=false "docker://$ref" "oci:$work/oci:1"
-  umoci --log error unpack --image "$work/oci:1" "$work/bundle" >/dev/null
-  echo $(($(now_ms) - s))
-done >"$work/peer.ms"
-g=$(median <"$work/gantry.ms")
-p=$(median <"$work/peer.ms")
-echo "gantry-agent image pull:   median ${g} ms over $runs runs ($(tr '\n' ' ' <"$work/gantry.ms")ms)"
-echo "skopeo copy + umoci unpack: median ${p} ms over $runs runs ($(tr '\n' ' ' <"$work/peer.ms")ms)"
-echo "ratio gantry/peer: $(awk -v g="$g" -v p="$p" 'BEGIN { printf "%.2f", g / p }') (target < 1)"
+TIMEFORMAT='%R %U %S' # bash's `time`: wall, user and sys seconds, children included
+timed() { # FILE CMD... → appends "wall_ms cpu_ms" to FILE
+  local t
+  t=$({ time "${@:2}" >/dev/null; } 2>&1 | tail -1)
+  awk -v t="$t" 'BEGIN { split(t, a, " "); printf "%d %d\n", a[1] * 1000, (a[2] + a[3]) * 1000 }' >>"$1"
+}
+gantry_pull() { "$agent" image pull --data-dir "$1/gantry" "$ref"; } # RUN_DIR
+peer_pull() { # RUN_DIR
+  HOME=$work skopeo --insecure-policy copy --quiet --src-tls-verify=false "docker://$ref" "oci:$1/oci:1" &&
+    umoci --log error unpack --image "$1/oci:1" "$1/bundle"
+}
+: >"$work/gantry.ms"
+: >"$work/peer.ms"
+for i in $(seq "$runs"); do
+  run=$work/run$i
+  sync
+  timed "$work/gantry.ms" gantry_pull "$run"
+  sync
+  timed "$work/peer.ms" peer_pull "$run"
+done
+g=$(cut -d' ' -f1 "$work/gantry.ms" | median)
+p=$(cut -d' ' -f1 "$work/peer.ms" | median)
+gc=$(cut -d' ' -f2 "$work/gantry.ms" | median)
+pc=$(cut -d' ' -f2 "$work/peer.ms" | median)
+echo "gantry-agent image pull:    median ${g} ms wall, ${gc} ms CPU over $runs runs (wall: $(cut -d' ' -f1 "$work/gantry.ms" | tr '\n' ' ')ms)"
+echo "skopeo copy + umoci unpack: median ${p} ms wall, ${pc} ms CPU over $runs runs (wall: $(cut -d' ' -f1 "$work/peer.ms" | tr '\n' ' ')ms)"
+echo "ratio gantry/peer: wall $(awk -v g="$g" -v p="$p" 'BEGIN { printf "%.2f", g / p }'), CPU $(awk -v g="$gc" -v p="$pc" 'BEGIN { printf "%.2f", g / p }') (target < 1)"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -1,12 +1,13 @@
-//! `gantry-agent image import|pull|ls`: node-local images without a scheduler — `docker load`,
-//! `docker pull` and `docker images` for the agent's image store (`<data-dir>/images`).
+//! `gantry-agent image import|pull|push|tag|save|ls`: node-local images without a scheduler —
+//! `docker load`, `pull`, `push`, `tag`, `save` and `images` for the agent's image store
+//! (`<data-dir>/images`).
 //!
 //! # Beside a running agent
 //!
 //! The image store is not safe to open from two processes: a store caches `index.json` in
 //! memory and rewrites it whole under an in-process mutex (an agent would overwrite, and never
 //! see, an image another process recorded), and opening a store sweeps the temp files an
-//! unfinished pull of the other process is writing. So `import` and `pull` refuse while a
+//! unfinished pull of the other process is writing. So every verb but `ls` refuses while a
 //! `gantry-agent run` uses the same data directory (found through /proc; stop it with
 //! `gantry down --keep`, whose containers keep running, import, then `gantry up`). `ls` never
 //! opens the store: it only reads `index.json`, which is always replaced atomically, so it is
@@ -14,12 +15,13 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use gantry_agent::image::{ImageRef, ImageStore, ProgressSink, PullOptions};
+use gantry_agent::image::{ImageRef, ImageStore, ProgressSink, PullOptions, PushOptions};
 use serde::Deserialize;
 
 /// The data directory `gantry-agent run` uses when given none.
@@ -67,6 +69,41 @@ enum Verb {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
         max_concurrent_downloads: u16,
     },
+    /// Push an image of the store to the registry its reference names (tag it first to push
+    /// it under another name); prints the reference, digest and blobs sent. Plain HTTP for
+    /// loopback registries and those given with `--insecure-registry`. Refused while an agent
+    /// runs on the data directory.
+    Push {
+        /// Image reference (`127.0.0.1:5000/team/web:1.2`).
+        reference: String,
+        /// A registry (`host` or `host:port`) reached over plain HTTP. Repeatable.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registries: Vec<String>,
+        /// A docker-style `config.json` with registry credentials.
+        #[arg(long, value_name = "FILE")]
+        registry_config: Option<PathBuf>,
+        /// Blobs uploaded at once.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+        max_concurrent_uploads: u16,
+    },
+    /// Give an image another reference (`docker tag`). Refused while an agent runs on the data
+    /// directory.
+    Tag {
+        /// The image: a reference, digest or id prefix.
+        source: String,
+        /// The new reference.
+        target: String,
+    },
+    /// Write an image as a `docker save` tarball (Docker 25's format: an OCI layout plus
+    /// `manifest.json`), which `docker load` and `import` read. Refused while an agent runs on
+    /// the data directory.
+    Save {
+        /// The image: a reference, digest or id prefix.
+        reference: String,
+        /// The tarball to write (`-`: standard output).
+        #[arg(short, long, value_name = "FILE")]
+        output: String,
+    },
     /// List the images: REFERENCE DIGEST SIZE.
     #[command(visible_alias = "list")]
     Ls,
@@ -90,6 +127,22 @@ pub fn main(cmd: ImageCmd) -> Result<()> {
             };
             pull(&cmd.data_dir, &reference, &options)
         }
+        Verb::Push {
+            reference,
+            insecure_registries,
+            registry_config,
+            max_concurrent_uploads,
+        } => {
+            let options = PushOptions {
+                docker_config: registry_config,
+                insecure_registries,
+                max_concurrent_uploads: max_concurrent_uploads.into(),
+                ..PushOptions::default()
+            };
+            push(&cmd.data_dir, &reference, &options)
+        }
+        Verb::Tag { source, target } => tag(&cmd.data_dir, &source, &target),
+        Verb::Save { reference, output } => save(&cmd.data_dir, &reference, &output),
         Verb::Ls => ls(&cmd.data_dir),
     }
 }
@@ -116,6 +169,70 @@ fn pull(data_dir: &Path, reference: &str, options: &PullOptions) -> Result<()> {
         .block_on(store.pull(&reference, options, ProgressSink::none()))
         .with_context(|| format!("pulling {reference}"))?;
     println!("pulled {reference} {}", image.digest);
+    Ok(())
+}
+
+fn push(data_dir: &Path, reference: &str, options: &PushOptions) -> Result<()> {
+    let reference = ImageRef::parse(reference)?;
+    let store = open_alone(data_dir, "push")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let report = runtime
+        .block_on(store.push(&reference, options, ProgressSink::none()))
+        .with_context(|| format!("pushing {reference}"))?;
+    println!(
+        "pushed {reference} {} ({} blobs sent, {} bytes; {} already in the registry)",
+        report.digest,
+        report.uploaded.len(),
+        report.bytes_uploaded,
+        report.existing.len()
+    );
+    Ok(())
+}
+
+fn tag(data_dir: &Path, source: &str, target: &str) -> Result<()> {
+    let store = open_alone(data_dir, "tag")?;
+    let image = store
+        .tag(source, target)
+        .with_context(|| format!("tagging {source} as {target}"))?;
+    let target = ImageRef::parse(target)?;
+    println!("tagged {target} {}", image.digest);
+    Ok(())
+}
+
+fn save(data_dir: &Path, reference: &str, output: &str) -> Result<()> {
+    let store = open_alone(data_dir, "save")?;
+    if output == "-" {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        store
+            .save(reference, &mut out)
+            .with_context(|| format!("saving {reference}"))?;
+        return out
+            .flush()
+            .context("writing the tarball to standard output");
+    }
+    // Written beside the target and renamed, so a failed save leaves no partial tarball.
+    let tmp = PathBuf::from(format!("{output}.tmp-{}", std::process::id()));
+    let written = (|| -> Result<()> {
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        store
+            .save(reference, &mut out)
+            .with_context(|| format!("saving {reference}"))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, output)
+            .with_context(|| format!("renaming {} to {output}", tmp.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    println!("saved {reference} to {output}");
     Ok(())
 }
 

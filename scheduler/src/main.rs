@@ -78,6 +78,10 @@ struct Args {
     /// registration. Give every replica the same value.
     #[arg(long, default_value = gantry_scheduler::network::DEFAULT_CLUSTER_CIDR)]
     cluster_cidr: String,
+    /// Largest image upload `gantry image import` may send ("16Gi", "500Mi"); it is kept
+    /// under --data-dir/uploads while the import runs.
+    #[arg(long, default_value = "16Gi")]
+    max_upload_size: gantry::quantity::Bytes,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -139,6 +143,7 @@ fn main() -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
     gantry_scheduler::network::check_cluster(config.cluster_cidr).map_err(anyhow::Error::msg)?;
+    config.max_upload_bytes = args.max_upload_size.get();
     config.controller.node_grace = args.node_grace.into();
     config.controller.lease_ttl = args.session_ttl.into();
     config.controller.resync = args.resync.into();

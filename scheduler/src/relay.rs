@@ -29,6 +29,12 @@
 //! asks, which the session fills from the agent's reply without waiting. An ask that is not
 //! answered within its timeout leaves the table (a late reply is dropped); a session that ends
 //! drops its pending asks, so their callers hear at once that it ended.
+//!
+//! Image pulls and imports ([`Relays::images_following`]) are asks that take long: the agent
+//! sends `image_progress` frames before its one reply. Their timeout is an idle timeout (no
+//! frame for that long), not a total one; progress frames go to the caller without waiting
+//! (a frame the caller has not taken yet is replaced by nothing: the next one carries the
+//! whole state again).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -50,6 +56,8 @@ pub const RELAY_QUEUE: usize = 128;
 pub const MAX_RELAYS_PER_NODE: usize = 256;
 /// Requests with one answer (stats, images) waiting at once on one node.
 pub const MAX_ASKS_PER_NODE: usize = 64;
+/// Progress frames of one pull or import buffered for its caller; more are dropped.
+pub const PROGRESS_QUEUE: usize = 16;
 
 /// The sender of one session's messages to its agent.
 pub(crate) type Outbound = mpsc::Sender<Result<pb::SchedulerMessage, Status>>;
@@ -98,6 +106,17 @@ pub enum AskError {
         /// The node.
         node: String,
         /// How long it was given.
+        after: std::time::Duration,
+    },
+    /// The agent sent nothing about a long request (a pull, an import) for too long.
+    #[error(
+        "node {node} sent no progress for {}s; its agent may be stuck (see its log)",
+        after.as_secs_f64()
+    )]
+    Silent {
+        /// The node.
+        node: String,
+        /// How long it stayed silent.
         after: std::time::Duration,
     },
     /// The session ended before the agent answered.
@@ -155,6 +174,8 @@ struct NodeEntry {
     relays: HashMap<u64, Sink>,
     /// Requests waiting for their one answer, by relay id.
     asks: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Where the progress frames of the asks that have them go, by relay id.
+    progress: HashMap<u64, mpsc::Sender<pb::ImageProgress>>,
 }
 
 /// Where the frames of one relay go.
@@ -182,6 +203,8 @@ pub enum Frame {
     Stats(pb::StatsReply),
     /// The answer to an image request.
     Images(pb::ImageReply),
+    /// Progress of an image pull or import.
+    ImageProgress(pb::ImageProgress),
 }
 
 /// The one answer to a request.
@@ -227,6 +250,7 @@ impl Relays {
                 out,
                 relays: HashMap::new(),
                 asks: HashMap::new(),
+                progress: HashMap::new(),
             },
         );
         if let Some(previous) = previous {
@@ -322,11 +346,65 @@ impl Relays {
                 relay_id,
                 action: action as i32,
                 reference,
+                upload_id: String::new(),
+                size_bytes: 0,
             })
         };
         match self.ask(node, timeout, request).await? {
             Reply::Images(reply) => Ok(reply),
             Reply::Stats(_) => Err(wrong_reply(node)),
+        }
+    }
+
+    /// Asks `node`'s agent for a long image action (a pull, an import: `request`, whose
+    /// `relay_id` is chosen here), handing each progress frame to `progress` as it comes, and
+    /// giving up once the agent has sent nothing for `idle`. The agent's own refusal is in
+    /// the reply's `code`.
+    pub async fn images_following(
+        &self,
+        node: &str,
+        request: pb::ImageRequest,
+        idle: std::time::Duration,
+        mut progress: impl FnMut(pb::ImageProgress),
+    ) -> Result<pb::ImageReply, AskError> {
+        let (relay_id, out, mut rx, frames, _guard) = self.register(node, true)?;
+        let mut frames = frames.expect("asked with progress");
+        let request = ToAgent::ImageRequest(pb::ImageRequest {
+            relay_id,
+            ..request
+        });
+        let ended = || AskError::Ended {
+            node: node.to_owned(),
+        };
+        if !send(&out, request).await {
+            return Err(ended());
+        }
+        let silent = || AskError::Silent {
+            node: node.to_owned(),
+            after: idle,
+        };
+        loop {
+            tokio::select! {
+                biased;
+                frame = frames.recv() => match frame {
+                    Some(frame) => progress(frame),
+                    // The session dropped its table: the reply sender went with it.
+                    None => {
+                        return match tokio::time::timeout(idle, &mut rx).await {
+                            Ok(Ok(Reply::Images(reply))) => Ok(reply),
+                            Ok(Ok(Reply::Stats(_))) => Err(wrong_reply(node)),
+                            Ok(Err(_)) => Err(ended()),
+                            Err(_) => Err(silent()),
+                        };
+                    }
+                },
+                reply = &mut rx => return match reply {
+                    Ok(Reply::Images(reply)) => Ok(reply),
+                    Ok(Reply::Stats(_)) => Err(wrong_reply(node)),
+                    Err(_) => Err(ended()),
+                },
+                () = tokio::time::sleep(idle) => return Err(silent()),
+            }
         }
     }
 
@@ -338,30 +416,7 @@ impl Relays {
         timeout: std::time::Duration,
         request: impl FnOnce(u64) -> ToAgent,
     ) -> Result<Reply, AskError> {
-        let (relay_id, out, rx, _guard) = {
-            let mut nodes = self.inner.lock();
-            let Some(entry) = nodes.get_mut(node) else {
-                return Err(AskError::NoSession {
-                    node: node.to_owned(),
-                    replica: self.inner.replica.clone(),
-                });
-            };
-            if entry.asks.len() >= MAX_ASKS_PER_NODE {
-                return Err(AskError::TooMany {
-                    node: node.to_owned(),
-                });
-            }
-            let relay_id = self.inner.next_relay.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            entry.asks.insert(relay_id, tx);
-            let guard = AskGuard {
-                inner: self.inner.clone(),
-                node: node.to_owned(),
-                session: entry.session,
-                relay_id,
-            };
-            (relay_id, entry.out.clone(), rx, guard)
-        };
+        let (relay_id, out, rx, _, _guard) = self.register(node, false)?;
         let request = request(relay_id);
         let asked = async {
             if !send(&out, request).await {
@@ -379,6 +434,52 @@ impl Relays {
                 node: node.to_owned(),
                 after: timeout,
             })?
+    }
+
+    /// Puts a new ask into `node`'s table (with a progress queue when `with_progress`);
+    /// it leaves the table when the returned guard is dropped.
+    #[allow(clippy::type_complexity)]
+    fn register(
+        &self,
+        node: &str,
+        with_progress: bool,
+    ) -> Result<
+        (
+            u64,
+            Outbound,
+            oneshot::Receiver<Reply>,
+            Option<mpsc::Receiver<pb::ImageProgress>>,
+            AskGuard,
+        ),
+        AskError,
+    > {
+        let mut nodes = self.inner.lock();
+        let Some(entry) = nodes.get_mut(node) else {
+            return Err(AskError::NoSession {
+                node: node.to_owned(),
+                replica: self.inner.replica.clone(),
+            });
+        };
+        if entry.asks.len() >= MAX_ASKS_PER_NODE {
+            return Err(AskError::TooMany {
+                node: node.to_owned(),
+            });
+        }
+        let relay_id = self.inner.next_relay.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        entry.asks.insert(relay_id, tx);
+        let frames = with_progress.then(|| {
+            let (tx, rx) = mpsc::channel(PROGRESS_QUEUE);
+            entry.progress.insert(relay_id, tx);
+            rx
+        });
+        let guard = AskGuard {
+            inner: self.inner.clone(),
+            node: node.to_owned(),
+            session: entry.session,
+            relay_id,
+        };
+        Ok((relay_id, entry.out.clone(), rx, frames, guard))
     }
 
     /// Requests with one answer waiting on `node` (tests and diagnostics).
@@ -481,6 +582,7 @@ impl NodeRelays {
             Frame::End(f) => f.relay_id,
             Frame::Stats(f) => f.relay_id,
             Frame::Images(f) => f.relay_id,
+            Frame::ImageProgress(f) => f.relay_id,
         };
         let mut nodes = self.inner.lock();
         let Some(entry) = nodes
@@ -492,6 +594,13 @@ impl NodeRelays {
         let frame = match frame {
             Frame::Stats(reply) => return self.answer(entry, relay_id, Reply::Stats(reply)),
             Frame::Images(reply) => return self.answer(entry, relay_id, Reply::Images(reply)),
+            Frame::ImageProgress(frame) => {
+                if let Some(tx) = entry.progress.get(&relay_id) {
+                    // A caller behind on progress misses a frame; the next one has it all.
+                    let _ = tx.try_send(frame);
+                }
+                return;
+            }
             frame => frame,
         };
         let Some(sink) = entry.relays.get(&relay_id) else {
@@ -543,6 +652,7 @@ impl NodeRelays {
 impl NodeRelays {
     /// Hands a reply to the request waiting for it.
     fn answer(&self, entry: &mut NodeEntry, relay_id: u64, reply: Reply) {
+        entry.progress.remove(&relay_id);
         match entry.asks.remove(&relay_id) {
             // A caller that has just given up drops the reply with its receiver.
             Some(tx) => drop(tx.send(reply)),
@@ -622,6 +732,7 @@ impl Drop for AskGuard {
             .filter(|e| e.session == self.session)
         {
             entry.asks.remove(&self.relay_id);
+            entry.progress.remove(&self.relay_id);
         }
     }
 }
@@ -1042,6 +1153,121 @@ mod tests {
         assert_eq!(reply.code, Code::FailedPrecondition as i32);
         assert!(reply.message.contains("web-1"));
         assert_eq!(relays.asks_waiting("n1"), 0);
+    }
+
+    fn pull_request() -> pb::ImageRequest {
+        pb::ImageRequest {
+            relay_id: 0,
+            action: pb::ImageAction::Pull as i32,
+            reference: "busybox:1".into(),
+            upload_id: String::new(),
+            size_bytes: 0,
+        }
+    }
+
+    fn progress(relay_id: u64, done: u64) -> Frame {
+        Frame::ImageProgress(pb::ImageProgress {
+            relay_id,
+            layers: vec![pb::LayerProgress {
+                digest: "sha256:aa".into(),
+                done_bytes: done,
+                total_bytes: 100,
+            }],
+        })
+    }
+
+    /// Starts a pull on `n1`, collecting its progress; returns its relay id and the task.
+    async fn following(
+        relays: &Relays,
+        agent: &mut mpsc::Receiver<Result<pb::SchedulerMessage, Status>>,
+        idle: std::time::Duration,
+    ) -> (
+        u64,
+        tokio::task::JoinHandle<(Result<pb::ImageReply, AskError>, Vec<u64>)>,
+    ) {
+        let task = tokio::spawn({
+            let relays = relays.clone();
+            async move {
+                let mut seen = Vec::new();
+                let reply = relays
+                    .images_following("n1", pull_request(), idle, |p| {
+                        seen.push(p.layers[0].done_bytes)
+                    })
+                    .await;
+                (reply, seen)
+            }
+        });
+        let Ok(Some(ToAgent::ImageRequest(request))) =
+            agent.recv().await.unwrap().map(|m| m.message)
+        else {
+            panic!("expected an image request")
+        };
+        assert_eq!(request.action, pb::ImageAction::Pull as i32);
+        (request.relay_id, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_frames_reach_the_caller_before_the_reply_and_reset_the_idle_timeout() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let idle = std::time::Duration::from_secs(60);
+        let (id, task) = following(&relays, &mut agent, idle).await;
+        // Frames 50 s apart: longer in all than the idle timeout, never idle that long.
+        for done in [10, 60, 100] {
+            tokio::time::sleep(std::time::Duration::from_secs(50)).await;
+            node.deliver(progress(id, done));
+            tokio::task::yield_now().await;
+        }
+        node.deliver(Frame::Images(pb::ImageReply {
+            relay_id: id,
+            images: vec![pb::NodeImage {
+                digest: "sha256:bb".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }));
+        let (reply, seen) = task.await.unwrap();
+        assert_eq!(reply.unwrap().images[0].digest, "sha256:bb");
+        assert_eq!(seen, [10, 60, 100]);
+        assert_eq!(relays.asks_waiting("n1"), 0);
+        // A late frame of the finished pull is dropped.
+        node.deliver(progress(id, 100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pull_that_goes_silent_times_out_and_leaves_the_table() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let idle = std::time::Duration::from_secs(60);
+        let (id, task) = following(&relays, &mut agent, idle).await;
+        node.deliver(progress(id, 10));
+        let (reply, seen) = task.await.unwrap();
+        let err = reply.unwrap_err();
+        assert_eq!(
+            err,
+            AskError::Silent {
+                node: "n1".into(),
+                after: idle
+            }
+        );
+        assert!(err.to_string().contains("no progress for 60s"), "{err}");
+        assert_eq!(seen, [10]);
+        assert_eq!(relays.asks_waiting("n1"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ends_fails_a_pull_at_once() {
+        let relays = Relays::new("s");
+        let (node, mut agent) = session(&relays, "n1");
+        let idle = std::time::Duration::from_secs(3600);
+        let (id, task) = following(&relays, &mut agent, idle).await;
+        node.deliver(progress(id, 10));
+        drop(node);
+        let (reply, _) = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("failed at once")
+            .unwrap();
+        assert_eq!(reply.unwrap_err(), AskError::Ended { node: "n1".into() });
     }
 
     #[tokio::test]

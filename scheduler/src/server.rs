@@ -50,6 +50,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// The cluster network node subnets are cut from.
     pub cluster_cidr: crate::network::Cidr,
+    /// Largest image upload (`gantry image import`) kept under `<data_dir>/uploads`.
+    pub max_upload_bytes: u64,
 }
 
 /// The files of the API's TLS settings.
@@ -97,6 +99,7 @@ impl Config {
             controller: controller::Config::default(),
             tls: None,
             cluster_cidr: crate::session::default_cluster_cidr(),
+            max_upload_bytes: ApiConfig::default().max_upload_bytes,
         }
     }
 }
@@ -200,7 +203,11 @@ pub async fn run_with_store(
         },
         stop_tx.subscribe(),
     );
-    let api_config = ApiConfig::default();
+    let api_config = ApiConfig {
+        upload_dir: config.data_dir.join("uploads"),
+        max_upload_bytes: config.max_upload_bytes,
+        ..ApiConfig::default()
+    };
     let (routes, stopper) =
         ApiServer::with_relays(store.clone(), api_config.clone(), session.relays())
             .add_service(session.server())

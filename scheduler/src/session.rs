@@ -50,7 +50,8 @@
 //! overwrite the status of an instance that was re-placed elsewhere (such reports are
 //! ignored and logged at debug level). A status equal to the last one written, apart from
 //! `observed_at`, is not written again. Reports of every session in the process go to one
-//! writer that coalesces what arrives within [`STATUS_COALESCE`] and writes it in
+//! writer that coalesces what arrives within [`STATUS_COALESCE`] of its last write (a status
+//! after a quiet spell is written at once) and writes it in
 //! transactions of at most [`MAX_STATUS_OPS`] puts (etcd rejects more than 128 operations per
 //! transaction by default); a later status of an instance replaces a pending earlier one.
 //!
@@ -879,6 +880,9 @@ impl Shared {
             Some(FromAgent::RelayEnd(end)) => state.relays.deliver(Frame::End(end)),
             Some(FromAgent::Stats(reply)) => state.relays.deliver(Frame::Stats(reply)),
             Some(FromAgent::Images(reply)) => state.relays.deliver(Frame::Images(reply)),
+            Some(FromAgent::ImageProgress(frame)) => {
+                state.relays.deliver(Frame::ImageProgress(frame))
+            }
             None => debug!(node = %state.name, "empty agent message ignored"),
         }
         Ok(())
@@ -1051,7 +1055,7 @@ impl Shared {
 
 /// Checks that a node's (already verified) client certificate names `node` as a DNS name,
 /// so that one node's certificate cannot register another node.
-fn check_identity(
+pub(crate) fn check_identity(
     leaf: &tonic::transport::CertificateDer<'static>,
     node: &str,
 ) -> Result<(), SessionError> {
@@ -1123,14 +1127,20 @@ fn plan(
     (planned, removals)
 }
 
-/// Writes queued statuses until every sender is gone: what arrives within
-/// [`STATUS_COALESCE`] of the first pending status goes out together, a later status of an
+/// Writes queued statuses until every sender is gone: at most one write per
+/// [`STATUS_COALESCE`] (the first after a quiet spell at once), what arrived meanwhile going
+/// out together, a later status of an
 /// instance replacing an earlier one, in transactions of at most [`MAX_STATUS_OPS`] puts.
 /// Statuses the store could not take for a retryable reason are retried with backoff.
 async fn write_statuses(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Vec<StatusWrite>>) {
     let mut pending: HashMap<String, Vec<u8>> = HashMap::new();
     let mut open = true;
     let mut backoff = RETRY_MIN;
+    // The window is counted from the last write: a status arriving after a quiet spell is
+    // written at once, while a burst is written every STATUS_COALESCE.
+    let mut last_write = tokio::time::Instant::now()
+        .checked_sub(STATUS_COALESCE)
+        .unwrap_or_else(tokio::time::Instant::now);
     loop {
         if pending.is_empty() {
             if !open {
@@ -1141,10 +1151,11 @@ async fn write_statuses(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Vec<Status
                 None => return,
             }
         }
-        let window = tokio::time::sleep(STATUS_COALESCE);
+        let window = tokio::time::sleep_until(last_write + STATUS_COALESCE);
         tokio::pin!(window);
         while open {
             tokio::select! {
+                biased;
                 () = &mut window => break,
                 batch = rx.recv() => match batch {
                     Some(batch) => merge_writes(&mut pending, batch),
@@ -1152,6 +1163,7 @@ async fn write_statuses(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Vec<Status
                 },
             }
         }
+        last_write = tokio::time::Instant::now();
         if flush_statuses(&*store, &mut pending).await {
             backoff = RETRY_MIN;
             continue;

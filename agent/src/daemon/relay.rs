@@ -12,7 +12,8 @@
 //! - `relay_cancel`, and the end of the session, stop a relay: an exec's process is killed.
 //! - `stats_request` and `image_request` are answered by one `stats` or `images` message from
 //!   a task of their own ([`super::stats::measure`], [`super::images::answer`]), which needs no
-//!   cancelling: it ends within its window or its store operation.
+//!   cancelling: it ends within its window or its store operation (a pull or an import, which
+//!   sends `image_progress` frames first, ends with its download).
 //!
 //! Relay frames go to the session through their own bounded queue, which the session sends
 //! after its own messages (heartbeats, status reports), so relays never hold those up; relay
@@ -48,8 +49,6 @@ pub const EXEC_INPUT_QUEUE: usize = 256;
 pub const OUTBOUND_QUEUE: usize = 16;
 /// A log chunk that is not full waits this long for more lines.
 const FLUSH_AFTER: Duration = Duration::from_millis(20);
-/// How often a following logs relay checks whether its container has stopped.
-const EXIT_POLL: Duration = Duration::from_millis(250);
 /// Largest read of exec output.
 const EXEC_READ: usize = 32 * 1024;
 /// How long an exec's output is still read after its process exited (a child of it may hold
@@ -91,11 +90,17 @@ impl Relays {
         Relays { env }
     }
 
-    /// The relays of one session, whose frames go to `out`.
-    pub fn session(&self, out: mpsc::Sender<pb::AgentMessage>) -> SessionRelays {
+    /// The relays of one session, whose frames go to `out`; `channel` is the session's
+    /// connection to the scheduler (image imports fetch their uploads over it).
+    pub fn session(
+        &self,
+        out: mpsc::Sender<pb::AgentMessage>,
+        channel: tonic::transport::Channel,
+    ) -> SessionRelays {
         SessionRelays {
             env: self.env.clone(),
             out,
+            channel,
             open: HashMap::new(),
         }
     }
@@ -105,6 +110,7 @@ impl Relays {
 pub struct SessionRelays {
     env: Arc<Env>,
     out: mpsc::Sender<pb::AgentMessage>,
+    channel: tonic::transport::Channel,
     open: HashMap<u64, Open>,
 }
 
@@ -189,8 +195,9 @@ impl SessionRelays {
             FromScheduler::ImageRequest(request) => {
                 let env = self.env.clone();
                 let out = self.out.clone();
+                let channel = self.channel.clone();
                 tokio::spawn(async move {
-                    let reply = super::images::answer(env, request).await;
+                    let reply = super::images::answer(env, request, &out, channel).await;
                     let message = pb::AgentMessage {
                         message: Some(ToScheduler::Images(reply)),
                     };
@@ -378,7 +385,9 @@ async fn logs(
         reader.stop_following();
         following = false;
     }
-    let mut poll = tokio::time::interval(EXIT_POLL);
+    // Resolves when the container stops (the runtime watches its process; nothing is polled).
+    let stopped = env.runtime.wait(&instance_id);
+    tokio::pin!(stopped);
     let mut chunk: Option<Chunk> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
@@ -414,15 +423,10 @@ async fn logs(
                     return (code::CANCELLED, "session ended".into());
                 }
             }
-            _ = poll.tick(), if following => {
-                let stopped = match env.runtime.state(&instance_id).await {
-                    Ok(info) => matches!(info.state, ContainerState::Stopped(_)),
-                    Err(_) => true,
-                };
-                if stopped {
-                    reader.stop_following();
-                    following = false;
-                }
+            _ = &mut stopped, if following => {
+                // The log writer (the shim) has exited: what is in the files is all there is.
+                reader.stop_following();
+                following = false;
             }
         }
     }

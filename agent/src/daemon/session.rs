@@ -29,7 +29,8 @@ use super::status::Status;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest reconnection delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Status changes arriving within this window go out in one report.
+/// At most one status report per this window (the first after a quiet spell at once); changes
+/// arriving meanwhile go out together.
 const REPORT_COALESCE: Duration = Duration::from_millis(20);
 /// Largest message accepted from the scheduler (a full assignment set of a busy node).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -206,11 +207,11 @@ impl Session {
         // The queue is empty: this fits.
         let _ = tx.try_send(message(ToScheduler::Register(register)));
         let mut client =
-            NodeSessionClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            NodeSessionClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
         // Relay frames have a queue of their own, sent only when the session's own messages
         // (heartbeats, status reports) are not waiting.
         let (relay_tx, relay_rx) = mpsc::channel(relay::OUTBOUND_QUEUE);
-        let mut relays = self.relays.session(relay_tx);
+        let mut relays = self.relays.session(relay_tx, channel);
         let outbound = futures_util::stream::select_with_strategy(
             ReceiverStream::new(rx),
             ReceiverStream::new(relay_rx),
@@ -231,6 +232,9 @@ impl Session {
         let mut heartbeat: Option<tokio::time::Interval> = None;
         let mut pending: BTreeMap<String, Status> = BTreeMap::new();
         let mut flush_at: Option<Instant> = None;
+        let mut last_flush = Instant::now()
+            .checked_sub(REPORT_COALESCE)
+            .unwrap_or_else(Instant::now);
         loop {
             tokio::select! {
                 () = stopped(shutdown) => return None,
@@ -284,10 +288,14 @@ impl Session {
                     };
                     self.latest.insert(status.id.clone(), status.clone());
                     pending.insert(status.id.clone(), status);
-                    flush_at.get_or_insert_with(|| Instant::now() + REPORT_COALESCE);
+                    // At once after a quiet spell; a burst goes out every REPORT_COALESCE.
+                    flush_at.get_or_insert_with(|| {
+                        Instant::now().max(last_flush + REPORT_COALESCE)
+                    });
                 }
                 () = sleep_until(flush_at), if welcomed => {
                     flush_at = None;
+                    last_flush = Instant::now();
                     let instances = std::mem::take(&mut pending)
                         .values()
                         .map(pb::InstanceStatus::from)

@@ -1,6 +1,6 @@
 //! The image layer of the node agent: references, the content-addressed blob store, layer
-//! unpacking, image metadata, import/export, registry pulls, container root filesystems and
-//! garbage collection.
+//! unpacking, image metadata, import/export, registry pulls and pushes, container root
+//! filesystems and garbage collection.
 //!
 //! # What the rest of the agent calls
 //!
@@ -17,6 +17,7 @@
 //!   container's process from the image config and the workload.
 //! - [`ImageStore::collect_garbage`] periodically (kubelet's thresholds, [`gc::GcPolicy`]),
 //!   with the references of the instances assigned to the node, whose images it keeps.
+//! - [`ImageStore::push`] (async) to send an image to a registry, with [`PushOptions`].
 //! - [`pull::follow`] to run a pull while reporting its [`PullTotals`] at a bounded rate.
 //!
 //! Blocking methods do file I/O and unpacking: call them from `spawn_blocking`.
@@ -55,6 +56,7 @@ pub mod gc;
 pub mod import;
 pub mod manifest;
 pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod rootfs;
 pub mod store;
@@ -65,6 +67,7 @@ use std::path::PathBuf;
 
 pub use config::{ConfigError, ImageConfig, MergedProcess, merge};
 pub use pull::{ProgressSink, PullOptions, PullProgress, PullTotals};
+pub use push::{PushOptions, PushReport};
 pub use reference::{ImageRef, PullDecision, PullPolicy, ReferenceError};
 pub use store::{Image, ImageStore, Layer, PruneReport, StoreOptions};
 
@@ -161,6 +164,9 @@ pub enum ImageError {
     /// A registry pull failed.
     #[error(transparent)]
     Pull(#[from] pull::PullError),
+    /// A registry push failed.
+    #[error(transparent)]
+    Push(#[from] push::PushError),
     /// A container rootfs could not be made or removed.
     #[error(transparent)]
     Rootfs(#[from] rootfs::RootfsError),

@@ -257,13 +257,13 @@ impl ProgressSink {
         (ProgressSink(Some(Arc::new(tx))), rx)
     }
 
-    fn update(&self, f: impl FnOnce(&mut PullProgress)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut PullProgress)) {
         if let Some(tx) = &self.0 {
             tx.send_modify(f);
         }
     }
 
-    fn layer(&self, index: usize, f: impl FnOnce(&mut LayerProgress)) {
+    pub(crate) fn layer(&self, index: usize, f: impl FnOnce(&mut LayerProgress)) {
         self.update(|p| {
             if let Some(l) = p.layers.get_mut(index) {
                 f(l);
@@ -272,8 +272,9 @@ impl ProgressSink {
     }
 }
 
-/// Whether a registry is reached over plain HTTP.
-fn is_insecure(registry: &str, options: &PullOptions) -> bool {
+/// Whether a registry is reached over plain HTTP: a loopback one, or one `insecure` lists (as
+/// `host:port` or `host`). Pushes follow the same rule.
+pub(crate) fn is_insecure_registry(registry: &str, insecure: &[String]) -> bool {
     let host = match registry.rsplit_once(':') {
         Some((host, port)) if !port.contains(']') => host,
         _ => registry,
@@ -283,11 +284,50 @@ fn is_insecure(registry: &str, options: &PullOptions) -> bool {
         || host
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback());
-    loopback
-        || options
-            .insecure_registries
-            .iter()
-            .any(|r| r == registry || r == host)
+    loopback || insecure.iter().any(|r| r == registry || r == host)
+}
+
+/// A registry client for `registry`: HTTPS unless the registry is insecure, with timeouts.
+pub(crate) fn registry_client(
+    registry: &str,
+    insecure: &[String],
+    timeout: Duration,
+    concurrency: usize,
+    monolithic_push: bool,
+) -> Client {
+    let mut config = ClientConfig {
+        protocol: if is_insecure_registry(registry, insecure) {
+            ClientProtocol::HttpsExcept(vec![registry.to_string()])
+        } else {
+            ClientProtocol::Https
+        },
+        platform_resolver: None,
+        max_concurrent_download: concurrency.max(1),
+        max_concurrent_upload: concurrency.max(1),
+        use_monolithic_push: monolithic_push,
+        connect_timeout: Some(timeout),
+        read_timeout: Some(timeout),
+        ..ClientConfig::default()
+    };
+    config.user_agent = "gantry-agent";
+    Client::new(config)
+}
+
+/// The `oci-client` reference of an image reference (a bare name means `latest`).
+pub(crate) fn oci_reference(reference: &ImageRef) -> Reference {
+    let (registry, repository) = (reference.registry.clone(), reference.repository.clone());
+    match (&reference.tag, &reference.digest) {
+        (Some(tag), Some(digest)) => {
+            Reference::with_tag_and_digest(registry, repository, tag.clone(), digest.clone())
+        }
+        (_, Some(digest)) => Reference::with_digest(registry, repository, digest.clone()),
+        (Some(tag), None) => Reference::with_tag(registry, repository, tag.clone()),
+        (None, None) => Reference::with_tag(
+            registry,
+            repository,
+            super::reference::DEFAULT_TAG.to_string(),
+        ),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -355,14 +395,28 @@ pub fn credentials_from_docker_config(
 }
 
 fn auth_for(reference: &ImageRef, options: &PullOptions) -> Result<RegistryAuth, PullError> {
-    if let Some(c) = &options.credentials {
+    registry_auth(
+        reference,
+        options.credentials.as_ref(),
+        options.docker_config.as_deref(),
+    )
+}
+
+/// The credentials to present to `reference`'s registry: `credentials`, else its entry in the
+/// docker `config.json` at `docker_config` (a missing file means none), else anonymous.
+pub(crate) fn registry_auth(
+    reference: &ImageRef,
+    credentials: Option<&Credentials>,
+    docker_config: Option<&std::path::Path>,
+) -> Result<RegistryAuth, PullError> {
+    if let Some(c) = credentials {
         return Ok(RegistryAuth::Basic(c.username.clone(), c.password.clone()));
     }
-    let Some(path) = &options.docker_config else {
+    let Some(path) = docker_config else {
         return Ok(RegistryAuth::Anonymous);
     };
     let cred_err = |message: String| PullError::Credentials {
-        path: path.clone(),
+        path: path.to_path_buf(),
         message,
     };
     let data = match std::fs::read(path) {
@@ -480,44 +534,15 @@ impl ImageStore {
         progress: ProgressSink,
     ) -> Result<Image, ImageError> {
         let lease = Arc::new(self.lease());
-        let mut config = ClientConfig {
-            protocol: if is_insecure(&reference.registry, options) {
-                ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
-            } else {
-                ClientProtocol::Https
-            },
-            platform_resolver: None,
-            max_concurrent_download: options.max_concurrent_downloads.max(1),
-            connect_timeout: Some(options.timeout),
-            read_timeout: Some(options.timeout),
-            ..ClientConfig::default()
-        };
-        config.user_agent = "gantry-agent";
-        let client = Client::new(config);
+        let client = registry_client(
+            &reference.registry,
+            &options.insecure_registries,
+            options.timeout,
+            options.max_concurrent_downloads,
+            false,
+        );
         let auth = auth_for(reference, options)?;
-        let oci_ref = match (&reference.tag, &reference.digest) {
-            (Some(tag), Some(digest)) => Reference::with_tag_and_digest(
-                reference.registry.clone(),
-                reference.repository.clone(),
-                tag.clone(),
-                digest.clone(),
-            ),
-            (_, Some(digest)) => Reference::with_digest(
-                reference.registry.clone(),
-                reference.repository.clone(),
-                digest.clone(),
-            ),
-            (Some(tag), None) => Reference::with_tag(
-                reference.registry.clone(),
-                reference.repository.clone(),
-                tag.clone(),
-            ),
-            (None, None) => Reference::with_tag(
-                reference.registry.clone(),
-                reference.repository.clone(),
-                super::reference::DEFAULT_TAG.to_string(),
-            ),
-        };
+        let oci_ref = oci_reference(reference);
 
         let (data, digest) = self
             .fetch_manifest(
@@ -849,7 +874,11 @@ mod tests {
             ("128.0.0.1:5000", false),
         ];
         for (registry, want) in cases {
-            assert_eq!(is_insecure(registry, &listed), want, "{registry}");
+            assert_eq!(
+                is_insecure_registry(registry, &listed.insecure_registries),
+                want,
+                "{registry}"
+            );
         }
     }
 

@@ -29,6 +29,23 @@ impl Registry {
     /// Starts a registry; with `user` it requires that user's basic-auth password.
     pub fn start(user: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
+        let auth = user.map(|(name, password)| {
+            let hash = bcrypt::hash_with_result(password, 4)
+                .unwrap()
+                .format_for_version(bcrypt::Version::TwoA);
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{name}:{hash}\n")).unwrap();
+            format!(
+                "auth:\n  htpasswd:\n    realm: gantry-test\n    path: {}\n",
+                htpasswd.display()
+            )
+        });
+        Registry::start_in(dir, auth.as_deref())
+    }
+
+    /// Starts a registry whose configuration ends with `auth` (an `auth:` YAML section), its
+    /// storage in `dir`.
+    pub fn start_in(dir: tempfile::TempDir, auth: Option<&str>) -> Registry {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let mut config = format!(
@@ -37,16 +54,8 @@ impl Registry {
              http:\n  addr: {addr}\n",
             dir.path().join("data").display()
         );
-        if let Some((name, password)) = user {
-            let hash = bcrypt::hash_with_result(password, 4)
-                .unwrap()
-                .format_for_version(bcrypt::Version::TwoA);
-            let htpasswd = dir.path().join("htpasswd");
-            std::fs::write(&htpasswd, format!("{name}:{hash}\n")).unwrap();
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: gantry-test\n    path: {}\n",
-                htpasswd.display()
-            ));
+        if let Some(auth) = auth {
+            config.push_str(auth);
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
@@ -121,5 +130,12 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// What the registry wrote to its standard error (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default()
     }
 }

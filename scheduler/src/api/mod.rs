@@ -12,7 +12,7 @@
 //! | `instances.rs` | `Instances`: List, Get, and Logs and Exec relayed over node sessions |
 //! | `nodes.rs` | `Nodes`: List, Get, Cordon, Uncordon, Drain |
 //! | `top.rs` | `Nodes.Top`, `Instances.Top`: usage asked of the agents over their sessions |
-//! | `images.rs` | `Images`: List, Remove, Prune, asked of the agents over their sessions |
+//! | `images.rs` | `Images`: List, Remove, Prune, Pull, Import, asked of the agents over their sessions; FetchUpload for the agents |
 //! | `events.rs` | `Events`: Watch |
 //!
 //! Limits: requests over [`ApiConfig::max_message_bytes`] are refused with
@@ -65,6 +65,11 @@ pub struct ApiConfig {
     /// HTTP/2 keepalive pings on idle connections, so that dead peers of long Watch streams
     /// are noticed (default 30 s).
     pub keepalive_interval: Duration,
+    /// Where `Images.Import` keeps uploads while the call runs (default: the system's temp
+    /// dir; the daemon uses `<data dir>/uploads`).
+    pub upload_dir: std::path::PathBuf,
+    /// Largest `Images.Import` upload, in bytes (default 16 GiB).
+    pub max_upload_bytes: u64,
 }
 
 impl Default for ApiConfig {
@@ -74,6 +79,8 @@ impl Default for ApiConfig {
             max_message_bytes: 1024 * 1024,
             bookmark_interval: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
+            upload_dir: std::env::temp_dir(),
+            max_upload_bytes: 16 << 30,
         }
     }
 }

@@ -240,7 +240,9 @@ pub(super) fn unavailable(shared: &Shared, node: &NodeView, err: AskError) -> pb
                 format!("{err}; it answers once its agent reconnects"),
             ),
         },
-        AskError::TimedOut { .. } => entry(node, Reason::TimedOut, String::new(), err.to_string()),
+        AskError::TimedOut { .. } | AskError::Silent { .. } => {
+            entry(node, Reason::TimedOut, String::new(), err.to_string())
+        }
         AskError::Ended { .. } | AskError::Failed { .. } | AskError::TooMany { .. } => {
             entry(node, Reason::Failed, String::new(), err.to_string())
         }
