@@ -14,7 +14,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::Cluster;
-use support::node::{Agent, apply, can_run, instances, start_node, wait};
+use support::node::{
+    Agent, apply, can_run, instances, start_node, unclaimed_warm_mount, wait, warm_claims,
+};
 
 const IMAGE: &str = "gantry.test/busybox:1";
 
@@ -28,10 +30,15 @@ fn ready_ids(cluster: &Cluster, workload: &str) -> Vec<String> {
     ids
 }
 
+/// Mounts under `dir`, but the namespace mounts of the agent's unclaimed warm namespaces.
 fn mounts_under(dir: &Path) -> usize {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let claims = warm_claims(dir);
     let dir = dir.to_string_lossy();
-    mountinfo.lines().filter(|l| l.contains(&*dir)).count()
+    mountinfo
+        .lines()
+        .filter(|l| l.contains(&*dir) && !unclaimed_warm_mount(l, &claims))
+        .count()
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `gantry-agent network cleanup`: detaches, with CNI DEL, every network attachment of an
 //! agent's data dir whose container no longer runs — what the agent does at start, for an agent
 //! that will not start again (a node being retired, a test tearing down). Refuses while an agent
-//! runs on the data dir (the runtime's lock).
+//! runs on the data dir (the runtime's lock). With no container left running, the node-wide
+//! masquerade and forward rules of the default network's bridge go too.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,9 @@ enum Cmd {
         /// The plugin directories the agent was given with --cni-bin-dir, if any.
         #[arg(long, value_delimiter = ',')]
         cni_bin_dir: Vec<PathBuf>,
+        /// The bridge the agent was given with --cni-bridge.
+        #[arg(long, default_value = gantry_agent::network::DEFAULT_BRIDGE)]
+        cni_bridge: String,
     },
 }
 
@@ -44,12 +48,13 @@ pub async fn main(opts: NetworkCmd) -> Result<()> {
         data_dir,
         cni_conf,
         cni_bin_dir,
+        cni_bridge,
     } = opts.cmd;
     let shim = std::env::current_exe().context("finding the agent binary")?;
     let config = RuntimeConfig::new(&data_dir.join("runtime"), &shim, None)?;
     let runtime = BuiltinRuntime::open(config)
         .context("opening the runtime (is an agent running on this data dir?)")?;
-    let running = runtime
+    let running: std::collections::HashSet<String> = runtime
         .list()
         .await
         .context("listing containers")?
@@ -58,6 +63,7 @@ pub async fn main(opts: NetworkCmd) -> Result<()> {
         .map(|c| c.id)
         .collect();
     let (_updates, rx) = tokio::sync::watch::channel(None);
+    let default_network = cni_conf.is_none();
     let config = NetConfig {
         conflist: cni_conf,
         plugin_dirs: cni_bin_dir,
@@ -65,5 +71,10 @@ pub async fn main(opts: NetworkCmd) -> Result<()> {
     };
     let net = Net::open(config, &data_dir, "", rx).await;
     net.cleanup(&running).await;
+    if default_network && running.is_empty() {
+        gantry_agent::network::rules::remove(&cni_bridge)
+            .await
+            .context("removing the node's masquerade and forward rules")?;
+    }
     Ok(())
 }

@@ -122,6 +122,11 @@ pub struct Run {
         action = clap::ArgAction::Set
     )]
     dns: bool,
+    /// Network namespaces kept attached to the default network ahead of need, so that an
+    /// instance without published ports starts without waiting for the CNI plugins; 0 turns
+    /// it off. Not used with --cni-conf.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    network_warm: usize,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -244,6 +249,8 @@ fn config(run: Run) -> Result<Config> {
             fallback_subnet: fallback_subnet.trunc(),
             bridge: run.cni_bridge,
             dns: run.dns.then(gantry_agent::daemon::dns::DnsConfig::default),
+            node_rules: true,
+            warm: run.network_warm.min(64),
         },
     })
 }

@@ -683,3 +683,169 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Runs `ip ARGS`, panicking with its stderr on failure.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A namespace standing for a host outside the node, behind a veth of its own /30; removed on
+/// drop.
+struct Outside {
+    name: String,
+    host_end: String,
+    /// The bridge whose node rules the test wrote (removed here too, should the test fail).
+    bridge: String,
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        for (table, parent, chain) in [
+            ("nat", "POSTROUTING", format!("GANTRY-NAT-{}", self.bridge)),
+            ("filter", "FORWARD", format!("GANTRY-FWD-{}", self.bridge)),
+        ] {
+            for args in [
+                &["-t", table, "-D", parent, "-j", &chain][..],
+                &["-t", table, "-F", &chain],
+                &["-t", table, "-X", &chain],
+            ] {
+                let _ = Command::new("iptables").arg("-w").args(args).output();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_end])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn node_rules_masquerade_traffic_leaving_the_subnet_and_go_away_on_remove() {
+    use gantry_agent::network::rules;
+    if !can_run() {
+        return;
+    }
+    let env = Env::new(9);
+    let pid = std::process::id();
+    let octet = (100 + pid % 100) as u8;
+    let outside = Outside {
+        name: format!("gt{}out", pid % 100_000),
+        host_end: format!("gt{}o0", pid % 100_000),
+        bridge: env.bridge.clone(),
+    };
+    let inside_end = format!("gt{}o1", pid % 100_000);
+    let (host_addr, outside_addr) = (
+        Ipv4Addr::new(10, octet, 209, 1),
+        Ipv4Addr::new(10, octet, 209, 2),
+    );
+    ip(&["netns", "add", &outside.name]);
+    ip(&[
+        "link",
+        "add",
+        &outside.host_end,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &inside_end,
+        "netns",
+        &outside.name,
+    ]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("{host_addr}/30"),
+        "dev",
+        &outside.host_end,
+    ]);
+    ip(&["link", "set", &outside.host_end, "up"]);
+    let in_outside = |args: &[&str]| {
+        let mut all = vec!["-n", outside.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    };
+    in_outside(&[
+        "addr",
+        "add",
+        &format!("{outside_addr}/30"),
+        "dev",
+        &inside_end,
+    ]);
+    in_outside(&["link", "set", &inside_end, "up"]);
+    in_outside(&["link", "set", "lo", "up"]);
+    // A server on the outside host that answers with the address it sees the client at. The
+    // outside host has no route to the node subnet: only a masqueraded client gets an answer.
+    let ns_path = PathBuf::from("/var/run/netns").join(&outside.name);
+    let listener = netns::run_in_blocking(&ns_path, move || TcpListener::bind((outside_addr, 0)))
+        .unwrap()
+        .unwrap();
+    let server = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let peer = conn
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            let _ = conn.write_all(peer.as_bytes());
+        }
+    });
+
+    let subnet = IpNet::V4(env.subnet);
+    rules::install(&env.bridge, subnet).await.unwrap();
+    // Idempotent: a second install leaves one jump per chain.
+    rules::install(&env.bridge, subnet).await.unwrap();
+    let nat = rules::nat_chain(&env.bridge);
+    let fwd = rules::forward_chain(&env.bridge);
+    let saved = rules();
+    assert_eq!(
+        saved.matches(&format!("-A POSTROUTING -j {nat}")).count(),
+        1,
+        "{saved}"
+    );
+    assert_eq!(
+        saved.matches(&format!("-A FORWARD -j {fwd}")).count(),
+        1,
+        "{saved}"
+    );
+    assert!(
+        saved.contains(&format!("-A {nat} ! -s {subnet} -j RETURN")),
+        "{saved}"
+    );
+
+    let net = env.network().await;
+    let id = env.id("masq");
+    let attached = net.attach(&id, &[]).await.unwrap();
+    let seen = fetch(Some(&attached.netns_path), server).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        host_addr.to_string(),
+        "the outside host must see the node's address, not the container's {}",
+        attached.ip
+    );
+
+    // A new subnet replaces the rules of the old one.
+    let other: IpNet = format!("10.{octet}.210.0/24").parse().unwrap();
+    rules::install(&env.bridge, other).await.unwrap();
+    let saved = rules();
+    assert!(
+        saved.contains(&format!("-A {nat} ! -s {other} -j RETURN")),
+        "{saved}"
+    );
+    assert!(
+        !saved.contains(&format!("! -s {subnet} -j RETURN")),
+        "{saved}"
+    );
+
+    net.detach(&id).await.unwrap();
+    rules::remove(&env.bridge).await.unwrap();
+    let saved = rules();
+    assert!(!saved.contains(&nat), "{saved}");
+    assert!(!saved.contains(&fwd), "{saved}");
+}

@@ -8,22 +8,19 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use std::time::Duration;
-
 use anyhow::bail;
 use clap::Args;
 use gantry::client::Client;
 use gantry::pb;
 use gantry::quantity::{Bytes, Cpu};
-use gantry::workload::{Kind, Port, Protocol, RestartPolicy, Workload};
+use gantry::workload::{Kind, Network, Port, Protocol, RestartPolicy, Workload};
 use tonic::Code;
 
 use super::error::{self, UsageError};
+use super::events::{Follow, Next};
 use super::logs::{self, Show};
 use super::{Ctx, print};
 
-/// How often an attached run looks at its instance while waiting.
-const POLL: Duration = Duration::from_millis(200);
 /// Exit code of an attached run interrupted with Ctrl-C (128 + SIGINT).
 const EXIT_INTERRUPTED: i32 = 130;
 
@@ -61,6 +58,10 @@ pub struct RunArgs {
     /// Instances to run.
     #[arg(long)]
     pub replicas: Option<u32>,
+    /// Network: bridge (the node's bridge, the default), host (the node's own network) or
+    /// none (loopback only).
+    #[arg(long = "network", alias = "net", value_name = "MODE")]
+    pub network: Option<String>,
     /// Label `K=V` of the workload and its instances. Repeatable.
     #[arg(short = 'l', long = "label", value_name = "K=V")]
     pub labels: Vec<String>,
@@ -175,6 +176,18 @@ pub fn workload_from(args: &RunArgs) -> anyhow::Result<Workload> {
             Some(Bytes::from_str(memory).map_err(|e| usage(format!("--memory {memory}: {e}")))?);
     }
     w.resources.pids = args.pids;
+    if let Some(network) = &args.network {
+        w.network = match network.as_str() {
+            "bridge" | "default" => Network::Bridge,
+            "host" => Network::Host,
+            "none" => Network::None,
+            other => {
+                return Err(usage(format!(
+                    "--network {other}: expected bridge, host or none"
+                )));
+            }
+        };
+    }
     if let Some(restart) = &args.restart {
         w.restart.policy = Some(match restart.as_str() {
             "always" | "unless-stopped" => RestartPolicy::Always,
@@ -209,8 +222,9 @@ pub async fn run(ctx: &mut Ctx, args: RunArgs) -> anyhow::Result<()> {
     print(&format!("workload/{name} created\n"))
 }
 
-/// Creates `workload`, refusing to change an existing one.
-async fn create(client: &Client, workload: Workload) -> anyhow::Result<()> {
+/// Creates `workload`, refusing to change an existing one; returns the store revision it was
+/// written at.
+async fn create(client: &Client, workload: Workload) -> anyhow::Result<i64> {
     let name = workload.name.clone();
     let request = pb::ApplyWorkloadRequest {
         spec: Some(pb::WorkloadSpec::from(workload)),
@@ -219,7 +233,7 @@ async fn create(client: &Client, workload: Workload) -> anyhow::Result<()> {
         expected_revision: Some(0),
     };
     match client.workloads().apply(client.request(request)).await {
-        Ok(_) => Ok(()),
+        Ok(response) => Ok(response.into_inner().workload.map_or(0, |w| w.revision)),
         Err(status) if status.code() == Code::FailedPrecondition => bail!(
             "workload {name} already exists; choose another --name, change it with `gantry apply`, \
              or remove it with `gantry delete workload {name}`"
@@ -264,9 +278,9 @@ async fn attached(ctx: &mut Ctx, args: RunArgs) -> anyhow::Result<()> {
     let workload = attached_workload(&args)?;
     let name = workload.name.clone();
     let client = ctx.client().await?;
-    create(&client, workload).await?;
+    let revision = create(&client, workload).await?;
     let outcome = tokio::select! {
-        outcome = follow(&client, &name) => outcome,
+        outcome = follow(&client, &name, revision) => outcome,
         _ = tokio::signal::ctrl_c() => Ok(EXIT_INTERRUPTED),
     };
     if args.rm {
@@ -287,72 +301,85 @@ async fn attached(ctx: &mut Ctx, args: RunArgs) -> anyhow::Result<()> {
 
 /// Waits for the run's instance to start, streams its output until it stops, and returns its
 /// exit code.
-async fn follow(client: &Client, name: &str) -> anyhow::Result<i32> {
+///
+/// The instance is followed on the Events stream from the revision that created the workload,
+/// so no change is missed and nothing is polled; its output is streamed as soon as it runs,
+/// and the exit code is taken once the output has ended and the instance is seen to have
+/// stopped (both are needed: the output may end before the status arrives, and the status may
+/// arrive before the last output).
+async fn follow(client: &Client, name: &str, from_revision: i64) -> anyhow::Result<i32> {
+    let mut events = Follow::new(
+        client.clone(),
+        pb::WatchRequest {
+            from_revision,
+            kinds: vec![pb::ObjectKind::Instance as i32],
+            workload: name.into(),
+            node: String::new(),
+            notices: false,
+        },
+    );
     let mut told_pending = false;
-    let instance = loop {
-        let list = client
-            .instances()
-            .list(client.request(pb::ListInstancesRequest {
-                workload: name.into(),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|status| error::api(status, client.address()))?
-            .into_inner();
-        if let Some(instance) = list.instances.into_iter().next() {
-            let state = instance_state(&instance);
-            if state == pb::InstanceState::Failed {
-                bail!("{}", failed(&instance));
-            }
-            if matches!(
-                state,
-                pb::InstanceState::Running
-                    | pb::InstanceState::Ready
-                    | pb::InstanceState::Exited
-                    | pb::InstanceState::OomKilled
-            ) {
-                break instance;
-            }
-            if !told_pending && !instance.placement_failures.is_empty() {
-                told_pending = true;
-                eprintln!(
-                    "waiting for a node for {}: {}",
-                    instance.id,
-                    instance.placement_failures.join("; ")
-                );
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    };
-    let request = pb::LogsRequest {
-        instance_id: instance.id.clone(),
-        tail_lines: None,
-        follow: true,
-        since: None,
-        stream: pb::LogStream::Unspecified as i32,
-        previous: false,
-    };
-    let show = Show {
-        prefix: None,
-        timestamps: false,
-    };
-    logs::stream(client.clone(), request, show).await?;
+    let mut output: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    let mut ended: Option<i32> = None;
     loop {
-        let instance = client
-            .instances()
-            .get(client.request(pb::GetInstanceRequest {
-                id: instance.id.clone(),
-            }))
-            .await
-            .map_err(|status| error::api(status, client.address()))?
-            .into_inner();
-        match instance_state(&instance) {
-            pb::InstanceState::Exited | pb::InstanceState::OomKilled => {
-                let code = instance.status.and_then(|s| s.exit_code);
-                return Ok(code.unwrap_or(i32::from(error::EXIT_ERROR)));
+        if let Some(code) = ended {
+            // The instance stopped: its output is all that is still awaited.
+            if let Some(task) = output.take() {
+                task.await??;
             }
+            return Ok(code);
+        }
+        let next = events.next().await?;
+        let Next::Event(event) = next else { continue };
+        let Some(pb::event::Object::Instance(instance)) = event.object else {
+            continue;
+        };
+        if event.r#type == pb::EventType::Deleted as i32 {
+            bail!(
+                "instance {} was deleted before it ended (was workload {name} deleted?)",
+                instance.id
+            );
+        }
+        let state = instance_state(&instance);
+        match state {
             pb::InstanceState::Failed => bail!("{}", failed(&instance)),
-            _ => tokio::time::sleep(POLL).await,
+            pb::InstanceState::Running
+            | pb::InstanceState::Ready
+            | pb::InstanceState::Exited
+            | pb::InstanceState::OomKilled => {
+                if output.is_none() {
+                    let request = pb::LogsRequest {
+                        instance_id: instance.id.clone(),
+                        tail_lines: None,
+                        follow: true,
+                        since: None,
+                        stream: pb::LogStream::Unspecified as i32,
+                        previous: false,
+                    };
+                    let show = Show {
+                        prefix: None,
+                        timestamps: false,
+                    };
+                    output = Some(tokio::spawn(logs::stream(client.clone(), request, show)));
+                }
+                if matches!(
+                    state,
+                    pb::InstanceState::Exited | pb::InstanceState::OomKilled
+                ) {
+                    let code = instance.status.as_ref().and_then(|s| s.exit_code);
+                    ended = Some(code.unwrap_or(i32::from(error::EXIT_ERROR)));
+                }
+            }
+            _ => {
+                if !told_pending && !instance.placement_failures.is_empty() {
+                    told_pending = true;
+                    eprintln!(
+                        "waiting for a node for {}: {}",
+                        instance.id,
+                        instance.placement_failures.join("; ")
+                    );
+                }
+            }
         }
     }
 }
@@ -455,6 +482,12 @@ mod tests {
         assert_eq!(w.resources.pids, Some(100));
         assert_eq!(w.restart.policy, Some(RestartPolicy::OnFailure));
         assert_eq!(w.replicas, Some(2));
+        assert_eq!(w.network, Network::Bridge);
+        let host = workload_from(&args(&["--network", "host", "busybox"])).unwrap();
+        assert_eq!(host.network, Network::Host);
+        let err =
+            workload_from(&args(&["--network", "none", "-p", "8080:80", "busybox"])).unwrap_err();
+        assert!(err.to_string().contains("network none"), "{err}");
     }
 
     #[test]
@@ -484,5 +517,8 @@ mod tests {
         assert!(err.to_string().contains("--memory lots"), "{err}");
         let err = workload_from(&args(&["--name", "Bad_Name", "busybox"])).unwrap_err();
         assert!(err.to_string().contains("name:"), "{err}");
+        let err = workload_from(&args(&["--network", "overlay", "busybox"])).unwrap_err();
+        assert_eq!(error::exit_code(&err), error::EXIT_USAGE);
+        assert!(err.to_string().contains("--network overlay"), "{err}");
     }
 }

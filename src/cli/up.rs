@@ -694,11 +694,17 @@ pub async fn down(ctx: &mut Ctx, args: DownArgs) -> anyhow::Result<()> {
         let _ = fs::remove_file(layout.pid_file(daemon));
     }
     if !args.keep {
+        let hosts = layout.hosts();
         for (agent, _) in &agents {
             let left = layout.containers(*agent);
             if !left.is_empty() {
                 remove_containers(&layout, *agent, &left)?;
             }
+            let netns = match (agent, &hosts) {
+                (Daemon::Agent(i), Some(hosts)) => Some(hosts.netns(*i)),
+                _ => None,
+            };
+            network_cleanup(&layout, *agent, netns.as_deref());
         }
         // The hosts go with their agents (kept with --keep: the containers live in them).
         if let Some(hosts) = layout.hosts() {
@@ -713,6 +719,39 @@ pub async fn down(ctx: &mut Ctx, args: DownArgs) -> anyhow::Result<()> {
         ))
     } else {
         print(&format!("stopped {}\n", stopped.join(", ")))
+    }
+}
+
+/// Detaches what the stopped agent left attached (its warm network namespaces, attachments
+/// of removed containers) and, with no container left, its node-wide rules: `gantry-agent
+/// network cleanup`, in the agent's host namespace when it has one. A failure is reported,
+/// not fatal: the next agent on the data dir cleans up the same way.
+fn network_cleanup(layout: &Layout, agent: Daemon, netns: Option<&Path>) {
+    let Ok(binary) = find_binary(agent.binary()) else {
+        return;
+    };
+    let mut command = match (netns, on_path("nsenter")) {
+        (Some(netns), Some(nsenter)) => {
+            let mut command = Command::new(nsenter);
+            command
+                .arg(format!("--net={}", netns.display()))
+                .arg(binary);
+            command
+        }
+        (Some(_), None) => return,
+        (None, _) => Command::new(binary),
+    };
+    let status = command
+        .args(["network", "cleanup", "--data-dir"])
+        .arg(layout.dir(agent))
+        .stdout(Stdio::null())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!(
+            "warning: the network clean-up of {} failed; the next agent on {} retries it",
+            agent.name(),
+            layout.dir(agent).display()
+        );
     }
 }
 

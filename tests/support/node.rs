@@ -210,6 +210,8 @@ impl Drop for Agent {
         let _ = Command::new(Self::binary())
             .args(["network", "cleanup", "--data-dir"])
             .arg(&self.data)
+            .arg("--cni-bridge")
+            .arg(bridge_of(&self.data))
             .stderr(Stdio::null())
             .status();
         if self.containers().is_empty() {
@@ -227,6 +229,35 @@ impl Drop for Agent {
 pub fn bridge_of(data: &Path) -> String {
     let digest = Sha256::digest(data.as_os_str().as_encoded_bytes());
     format!("gt{}", &hex::encode(digest)[..10])
+}
+
+/// Warm network namespaces claimed by instances: CNI id → instance id (the agent records each
+/// claim in `cni/warm/<instance>`).
+pub fn warm_claims(data: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_dir(data.join("cni/warm"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let cni_id = std::fs::read_to_string(e.path()).ok()?;
+            Some((
+                cni_id.trim().to_owned(),
+                e.file_name().to_string_lossy().into_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// Whether `mountinfo_line` is the namespace mount of a warm namespace no instance claimed
+/// (the agent keeps two attached ahead of need while it runs).
+pub fn unclaimed_warm_mount(
+    mountinfo_line: &str,
+    claims: &std::collections::HashMap<String, String>,
+) -> bool {
+    mountinfo_line
+        .split_whitespace()
+        .find_map(|w| w.rsplit_once("/netns/"))
+        .is_some_and(|(_, id)| id.starts_with("warm-") && !claims.contains_key(id))
 }
 
 /// Instances of `workload` as `gantry get instances -o json` shows them.

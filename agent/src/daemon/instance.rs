@@ -341,35 +341,55 @@ impl Task {
             spec.user.as_deref(),
         )
         .map_err(|e| format!("image {}: {e}", spec.image))?;
+        // The root filesystem and the network namespace are independent: they are prepared at
+        // once (a bridge attach is tens of milliseconds of plugin runs).
         let images = self.env.images.clone();
         let id = self.id.clone();
-        let rootfs = tokio::task::spawn_blocking(move || images.mount_rootfs(&image, &id))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("preparing the root filesystem: {e}"))?;
+        let mount = async move {
+            tokio::task::spawn_blocking(move || images.mount_rootfs(&image, &id))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("preparing the root filesystem: {e}"))
+        };
+        let attach = async {
+            match spec.network {
+                Network::Bridge => Some(self.env.net.attach(&self.id, &spec.ports).await),
+                Network::Host | Network::None => None,
+            }
+        };
+        let (rootfs, attached) = tokio::join!(mount, attach);
+        let rootfs = match rootfs {
+            Ok(rootfs) => rootfs,
+            Err(err) => {
+                if matches!(attached, Some(Ok(_))) {
+                    self.env.net.detach(&self.id).await;
+                }
+                return Err(err);
+            }
+        };
         // Bridge instances get a namespace on the node network (CNI), named in /etc/hosts, and
         // the node's name responder as their resolver.
-        let (network, hostname, hosts, resolv_conf) = match spec.network {
-            Network::Host => (NetworkMode::Host, None, Default::default(), None),
-            Network::None => (NetworkMode::None, None, Default::default(), None),
-            Network::Bridge => match self.env.net.attach(&self.id, &spec.ports).await {
-                Ok(attached) => {
-                    self.status.ip = attached.ip.addr().to_string();
-                    let hostname = super::net::hostname(&self.id);
-                    let hosts = super::net::hosts(&hostname, &attached);
-                    let resolv_conf = self.env.net.resolv_conf(&attached);
-                    (
-                        NetworkMode::Path(attached.netns_path),
-                        Some(hostname),
-                        hosts,
-                        resolv_conf,
-                    )
-                }
-                Err(err) => {
-                    release_rootfs(&self.env.images, &self.id).await;
-                    return Err(format!("network: {err}"));
-                }
-            },
+        let (network, hostname, hosts, resolv_conf) = match attached {
+            None if spec.network == Network::Host => {
+                (NetworkMode::Host, None, Default::default(), None)
+            }
+            None => (NetworkMode::None, None, Default::default(), None),
+            Some(Ok(attached)) => {
+                self.status.ip = attached.ip.addr().to_string();
+                let hostname = super::net::hostname(&self.id);
+                let hosts = super::net::hosts(&hostname, &attached);
+                let resolv_conf = self.env.net.resolv_conf(&attached);
+                (
+                    NetworkMode::Path(attached.netns_path),
+                    Some(hostname),
+                    hosts,
+                    resolv_conf,
+                )
+            }
+            Some(Err(err)) => {
+                release_rootfs(&self.env.images, &self.id).await;
+                return Err(format!("network: {err}"));
+            }
         };
         let container = ContainerSpec {
             id: self.id.clone(),

@@ -102,6 +102,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
     }
     let net = Arc::new(net);
     let net_task = tokio::spawn(net.clone().run());
+    let warm_task = tokio::spawn(net.clone().keep_warm());
     let (names_tx, names_rx) = watch::channel(dns::Names::new());
     let dns_task = config
         .network
@@ -237,6 +238,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
     }
     session.abort();
     net_task.abort();
+    // Warm namespaces stay attached; the next agent's clean-up detaches those never claimed.
+    warm_task.abort();
     if let Some(task) = dns_task {
         task.abort();
     }

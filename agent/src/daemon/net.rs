@@ -52,6 +52,11 @@ pub struct NetConfig {
     /// The name responder ([`super::dns`]); `None` when turned off (`--dns=false`): containers
     /// then get the host's resolvers.
     pub dns: Option<super::dns::DnsConfig>,
+    /// Whether the agent writes the node-wide masquerade and FORWARD rules of the default
+    /// conflist ([`network::rules`]); off only in tests that must not touch the host's rules.
+    pub node_rules: bool,
+    /// How many namespaces the warm pool keeps attached ahead of need (default conflist only).
+    pub warm: usize,
 }
 
 impl Default for NetConfig {
@@ -62,6 +67,8 @@ impl Default for NetConfig {
             fallback_subnet: DEFAULT_SUBNET.parse().expect("the default subnet parses"),
             bridge: DEFAULT_BRIDGE.to_owned(),
             dns: Some(super::dns::DnsConfig::default()),
+            node_rules: true,
+            warm: 0,
         }
     }
 }
@@ -147,6 +154,10 @@ pub struct Net {
     subnet: Mutex<Option<IpNet>>,
     /// The gateway address of the node network, where the name responder listens.
     gateway: watch::Sender<Option<IpAddr>>,
+    /// Namespaces attached ahead of need, each with the network it was attached on.
+    warm: std::sync::Mutex<Vec<(Arc<Network>, String, Attachment)>>,
+    /// Wakes the task refilling `warm`.
+    warm_wake: tokio::sync::Notify,
 }
 
 impl Net {
@@ -166,6 +177,8 @@ impl Net {
             loaded: watch::channel(None).0,
             subnet: Mutex::new(None),
             gateway: watch::channel(None).0,
+            warm: std::sync::Mutex::new(Vec::new()),
+            warm_wake: tokio::sync::Notify::new(),
             config,
         };
         let path = net.conflist_path();
@@ -257,6 +270,16 @@ impl Net {
                 )
             })?;
         }
+        if self.config.node_rules {
+            network::rules::install(&self.config.bridge, subnet)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot write the node's masquerade and forward rules: {}",
+                        error_chain(&e)
+                    )
+                })?;
+        }
         let network = Network::new(self.network_config())
             .await
             .map_err(|e| error_chain(&e))?;
@@ -303,15 +326,30 @@ impl Net {
 
     /// Gives instance `id` a network namespace on the node network, with `ports` published.
     /// A namespace left by an earlier attempt (an agent killed between attach and create) is
-    /// detached first.
+    /// detached first. Without ports, a namespace of the warm pool is taken when there is one.
     pub async fn attach(&self, id: &str, ports: &[Port]) -> Result<Attachment, String> {
         let network = self.network().await?;
-        let mappings = port_mappings(ports);
-        let attached = match network.attach(id, &mappings).await {
+        if ports.is_empty() && self.warm_enabled() {
+            self.warm_wake.notify_one();
+            if let Some(attached) = self.take_warm(&network, id).await {
+                return Ok(attached);
+            }
+        }
+        self.attach_as(&network, id, &port_mappings(ports)).await
+    }
+
+    /// CNI ADD of `cni_id` on `network`, detaching a leftover namespace of that id first.
+    async fn attach_as(
+        &self,
+        network: &Network,
+        cni_id: &str,
+        mappings: &[PortMapping],
+    ) -> Result<Attachment, String> {
+        let attached = match network.attach(cni_id, mappings).await {
             Err(NetworkError::AlreadyAttached { .. }) => {
-                network.detach(id).await.map_err(|e| error_chain(&e))?;
+                network.detach(cni_id).await.map_err(|e| error_chain(&e))?;
                 network
-                    .attach(id, &mappings)
+                    .attach(cni_id, mappings)
                     .await
                     .map_err(|e| error_chain(&e))
             }
@@ -322,6 +360,118 @@ impl Net {
             self.gateway.send_replace(Some(gateway));
         }
         Ok(attached)
+    }
+
+    fn warm_enabled(&self) -> bool {
+        self.config.warm > 0 && self.config.conflist.is_none()
+    }
+
+    /// Where the claim of instance `id` on a warm namespace is kept: a file naming the
+    /// namespace's CNI id, so that its detach (also by a later agent) finds it.
+    fn claim_path(&self, id: &str) -> PathBuf {
+        self.data_dir.join("cni/warm").join(id)
+    }
+
+    /// The CNI id instance `id` is attached as: a claimed warm namespace's, else its own.
+    fn cni_id(&self, id: &str) -> String {
+        std::fs::read_to_string(self.claim_path(id))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty() && !s.contains('/'))
+            .unwrap_or_else(|| id.to_owned())
+    }
+
+    /// A warm namespace of `network` for instance `id`, its claim recorded first; warm
+    /// namespaces of an older network (the subnet changed) are detached on the way.
+    async fn take_warm(&self, network: &Arc<Network>, id: &str) -> Option<Attachment> {
+        loop {
+            let taken = self
+                .warm
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop();
+            let (on, cni_id, attached) = taken?;
+            if !Arc::ptr_eq(&on, network) {
+                if let Err(err) = on.detach(&cni_id).await {
+                    warn!(namespace = %cni_id, err = %error_chain(&err), "detaching a warm namespace of an old subnet failed");
+                }
+                continue;
+            }
+            let path = self.claim_path(id);
+            let claimed = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| write_bytes_atomic(&path, cni_id.as_bytes()));
+            if let Err(err) = claimed {
+                warn!(instance = %id, %err, "cannot record the claim of a warm namespace; attaching afresh");
+                let _ = on.detach(&cni_id).await;
+                return None;
+            }
+            debug!(instance = %id, namespace = %cni_id, "took a warm network namespace");
+            return Some(attached);
+        }
+    }
+
+    /// Keeps the warm pool filled (the configured number of namespaces attached on the current
+    /// network, without ports) until the agent stops; woken when one is taken.
+    pub async fn keep_warm(self: Arc<Self>) {
+        if !self.warm_enabled() {
+            return;
+        }
+        let mut serial: u64 = 0;
+        loop {
+            let mut failed = false;
+            match self.network().await {
+                Ok(network) => loop {
+                    let stale: Vec<_> = {
+                        let mut warm = self
+                            .warm
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let (current, stale) = std::mem::take(&mut *warm)
+                            .into_iter()
+                            .partition(|(on, _, _)| Arc::ptr_eq(on, &network));
+                        *warm = current;
+                        stale
+                    };
+                    for (on, cni_id, _) in stale {
+                        let _ = on.detach(&cni_id).await;
+                    }
+                    let count = self
+                        .warm
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .len();
+                    if count >= self.config.warm {
+                        break;
+                    }
+                    serial += 1;
+                    let cni_id = warm_id(serial);
+                    match self.attach_as(&network, &cni_id, &[]).await {
+                        Ok(attached) => self
+                            .warm
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((network.clone(), cni_id, attached)),
+                        Err(err) => {
+                            warn!(%err, "cannot attach a warm network namespace");
+                            failed = true;
+                            break;
+                        }
+                    }
+                },
+                Err(_) => failed = true,
+            }
+            let wait = if failed {
+                Duration::from_secs(3)
+            } else {
+                Duration::from_secs(60)
+            };
+            tokio::select! {
+                () = self.warm_wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// The gateway address of the node network as it becomes known (from the default
@@ -346,19 +496,37 @@ impl Net {
         let Some(network) = self.loaded.borrow().clone().map(|l| l.network) else {
             return;
         };
-        match network.detach(id).await {
-            Ok(()) => debug!(instance = %id, "detached from the network"),
+        let cni_id = self.cni_id(id);
+        match network.detach(&cni_id).await {
+            Ok(()) => {
+                if cni_id != id {
+                    let _ = std::fs::remove_file(self.claim_path(id));
+                }
+                debug!(instance = %id, "detached from the network")
+            }
             Err(err) => warn!(instance = %id, err = %error_chain(&err), "network detach failed"),
         }
     }
 
     /// Detaches every attachment whose container is not in `running` (after an agent restart:
-    /// containers that ended or vanished while no agent watched).
+    /// containers that ended or vanished while no agent watched), and the warm namespaces of
+    /// an earlier agent that no instance claimed.
     pub async fn cleanup(&self, running: &HashSet<String>) {
         let Some(network) = self.loaded.borrow().clone().map(|l| l.network) else {
             return;
         };
-        match network.cleanup_stale(running).await {
+        let mut keep = running.clone();
+        let claims = self.data_dir.join("cni/warm");
+        for entry in std::fs::read_dir(&claims).into_iter().flatten().flatten() {
+            let instance = entry.file_name().to_string_lossy().into_owned();
+            if running.contains(&instance) {
+                keep.insert(self.cni_id(&instance));
+            } else {
+                // Its namespace (if any is left) is not kept below, so it is detached.
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        match network.cleanup_stale(&keep).await {
             Ok(report) => {
                 if !report.detached.is_empty() {
                     info!(detached = ?report.detached, "network attachments of dead containers removed");
@@ -449,6 +617,21 @@ pub fn wants_bridge(spec: &Workload) -> bool {
     spec.network == gantry::workload::Network::Bridge
 }
 
+/// The CNI id of the `serial`th warm namespace of this agent process: unique across agent
+/// restarts (the time in microseconds) and within one (the serial).
+fn warm_id(serial: u64) -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!("warm-{micros:x}-{serial}")
+}
+
+fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 fn write_atomic(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -537,7 +720,11 @@ mod tests {
     async fn the_default_conflist_follows_the_subnet() {
         let tmp = tempfile::tempdir().unwrap();
         let (_tx, rx) = watch::channel(None);
-        let net = Net::open(NetConfig::default(), tmp.path(), "127.0.0.1", rx.clone()).await;
+        let config = NetConfig {
+            node_rules: false,
+            ..NetConfig::default()
+        };
+        let net = Net::open(config.clone(), tmp.path(), "127.0.0.1", rx.clone()).await;
         net.use_subnet(None).await.unwrap();
         let read = || std::fs::read_to_string(net.conflist_path()).unwrap();
         assert!(read().contains("10.88.0.0/24"), "{}", read());
@@ -546,7 +733,7 @@ mod tests {
             .unwrap();
         assert!(read().contains("10.88.7.0/24"), "{}", read());
         // A new agent on the same data dir loads it before any welcome.
-        let again = Net::open(NetConfig::default(), tmp.path(), "127.0.0.1", rx).await;
+        let again = Net::open(config, tmp.path(), "127.0.0.1", rx).await;
         assert!(again.loaded.borrow().is_some());
     }
 }

@@ -9,6 +9,7 @@
 //! `CNI_ARGS`, `CNI_PATH`) and on stdin its own configuration with `name`, `cniVersion`,
 //! `runtimeConfig` (the capabilities it declares, such as `portMappings`) and `prevResult`.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -32,9 +33,42 @@ const NEWEST_VERSION: &str = "1.0.0";
 const CACHE_KIND: &str = "gantryCniCacheV1";
 
 /// The standard plugins race with one another when two of them create a shared iptables chain or
-/// bridge for the first time ("Chain already exists"); plugin chains of this process therefore
-/// run one at a time. Chains are short (tens of milliseconds per plugin).
-static CHAIN_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// bridge for the first time ("Chain already exists"). A chain that may create shared objects
+/// therefore runs alone (write lock): the first ADD of a network in this process (it makes the
+/// bridge), a chain with the firewall plugin (it makes CNI-FORWARD and CNI-ADMIN on every ADD),
+/// and a chain publishing ports (portmap makes its CNI-HOSTPORT chains). Every other chain of a
+/// network already set up only makes objects of its own container (a veth, an address from
+/// host-local, which locks its own store) and runs concurrently with the others (read lock), as
+/// container runtimes run pod networking concurrently.
+static CHAIN_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Networks (by name) that completed an ADD in this process: their bridge exists.
+static SET_UP: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// A held [`CHAIN_LOCK`], shared or exclusive.
+#[allow(dead_code)] // held for its drop
+enum ChainGuard {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
+/// Takes [`CHAIN_LOCK`] as a chain of `list` with `capability_args` needs it.
+async fn lock_chain(list: &ConfList, capability_args: &Map<String, Value>) -> ChainGuard {
+    let set_up = SET_UP
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(&list.name);
+    let firewall = list.plugins.iter().any(|p| p.plugin_type == "firewall");
+    let ports = capability_args
+        .get("portMappings")
+        .and_then(Value::as_array)
+        .is_some_and(|m| !m.is_empty());
+    if set_up && !firewall && !ports {
+        ChainGuard::Shared(CHAIN_LOCK.read().await)
+    } else {
+        ChainGuard::Alone(CHAIN_LOCK.write().await)
+    }
+}
 
 /// A CNI operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -659,7 +693,7 @@ impl Cni {
     pub async fn add(&self, list: &ConfList, rt: &RuntimeConf) -> Result<CniResult, CniError> {
         check_container_id(&rt.container_id)?;
         check_ifname(&rt.ifname)?;
-        let _chain = CHAIN_LOCK.lock().await;
+        let _chain = lock_chain(list, &rt.capability_args).await;
         let mut record = CacheRecord {
             kind: CACHE_KIND.into(),
             container_id: rt.container_id.clone(),
@@ -704,6 +738,10 @@ impl Cni {
         }
         record.complete = true;
         self.write_record(&record).await?;
+        SET_UP
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(list.name.clone());
         let last = list
             .plugins
             .last()
@@ -725,7 +763,6 @@ impl Cni {
     pub async fn del(&self, list: &ConfList, rt: &RuntimeConf) -> Result<(), CniError> {
         check_container_id(&rt.container_id)?;
         check_ifname(&rt.ifname)?;
-        let _chain = CHAIN_LOCK.lock().await;
         let record = self
             .read_record(&list.name, &rt.container_id, &rt.ifname)
             .await?;
@@ -747,6 +784,7 @@ impl Cni {
         } else {
             None
         };
+        let _chain = lock_chain(&conf, &call.capability_args).await;
         let mut first_err = None;
         for plugin in conf.plugins[..count].iter().rev() {
             let stdin = conf.plugin_config(plugin, &call.capability_args, prev.as_ref());
@@ -780,7 +818,7 @@ impl Cni {
             container: rt.container_id.clone(),
             ifname: rt.ifname.clone(),
         };
-        let _chain = CHAIN_LOCK.lock().await;
+        let _chain = CHAIN_LOCK.read().await;
         let record = self
             .read_record(&list.name, &rt.container_id, &rt.ifname)
             .await?

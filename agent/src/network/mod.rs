@@ -1,6 +1,7 @@
 //! Container networking for the agent: each container gets its own network namespace, set up by
-//! standard CNI plugins from a conflist (Gantry's default — bridge, host-local, portmap, firewall —
-//! or the operator's), and host-gateway routes to the other nodes' subnets.
+//! standard CNI plugins from a conflist (Gantry's default — bridge, host-local, portmap, with the
+//! node-wide masquerade and FORWARD rules of `rules` — or the operator's), and host-gateway
+//! routes to the other nodes' subnets.
 //!
 //! Map: `netns` makes and removes the namespaces (`<run dir>/netns/<container id>`), `cni` runs
 //! the plugins and caches their results (`<data dir>/cni/results`), `routes` computes and applies
@@ -15,6 +16,7 @@
 pub mod cni;
 pub mod netns;
 pub mod routes;
+pub mod rules;
 
 use std::collections::{BTreeSet, HashSet};
 use std::io;
@@ -576,11 +578,13 @@ fn attachment(netns: &Path, ifname: &str, result: CniResult) -> Option<Attachmen
     })
 }
 
-/// Gantry's default conflist for a node: a bridge that is the containers' gateway and
-/// masquerades their traffic leaving the node, host-local addresses from the node's subnet (its
-/// store under `ipam_dir`, not the system-wide /var/lib/cni), published ports through portmap
-/// (reachable on the node's addresses and on localhost), and the firewall plugin admitting the
-/// containers' traffic through FORWARD. Loopback is brought up by [`Network`] itself.
+/// Gantry's default conflist for a node: a bridge that is the containers' gateway, host-local
+/// addresses from the node's subnet (its store under `ipam_dir`, not the system-wide
+/// /var/lib/cni), and published ports through portmap (reachable on the node's addresses and on
+/// localhost). Loopback is brought up by [`Network`] itself. The masquerade of traffic leaving
+/// the node and its admission through FORWARD are node-wide rules ([`rules`]), written once
+/// per subnet by the agent instead of per container by the bridge's `ipMasq` and the firewall
+/// plugin.
 pub fn default_conflist(node_subnet: IpNet, bridge: &str, ipam_dir: &Path) -> Value {
     let subnet = node_subnet.trunc();
     let default_route = if subnet.addr().is_ipv4() {
@@ -596,7 +600,7 @@ pub fn default_conflist(node_subnet: IpNet, bridge: &str, ipam_dir: &Path) -> Va
                 "type": "bridge",
                 "bridge": bridge,
                 "isGateway": true,
-                "ipMasq": true,
+                "ipMasq": false,
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
@@ -610,7 +614,6 @@ pub fn default_conflist(node_subnet: IpNet, bridge: &str, ipam_dir: &Path) -> Va
                 "snat": true,
                 "capabilities": { "portMappings": true },
             },
-            { "type": "firewall" },
         ],
     })
 }
@@ -679,7 +682,9 @@ mod tests {
             .iter()
             .map(|p| p.plugin_type.as_str())
             .collect();
-        assert_eq!(types, ["bridge", "portmap", "firewall"]);
+        assert_eq!(types, ["bridge", "portmap"]);
+        // Masquerade and FORWARD admission are the node's rules, not per-container chains.
+        assert_eq!(value["plugins"][0]["ipMasq"], false);
         let ipam = &value["plugins"][0]["ipam"];
         assert_eq!(ipam["ranges"][0][0]["subnet"], "10.88.3.0/24");
         assert_eq!(ipam["dataDir"], "/var/lib/gantry/cni/networks");
