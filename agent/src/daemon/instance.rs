@@ -658,51 +658,10 @@ fn netns_path(pid: i32) -> PathBuf {
 /// thrown away (see [`crate::network::netns::run_in`]).
 async fn loopback_up(pid: i32) -> Result<(), String> {
     let path = netns_path(pid);
-    crate::network::netns::run_in(&path, set_loopback_up)
+    crate::network::netns::run_in(&path, crate::network::netns::set_loopback_up)
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("rtnetlink: {e}"))
-}
-
-/// Sends `RTM_NEWLINK` for interface 1 (loopback in every namespace) with `IFF_UP` set, and
-/// reads the kernel's acknowledgement, on a netlink socket of the calling thread's namespace.
-fn set_loopback_up() -> std::io::Result<()> {
-    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType, recv, send, socket};
-    const RTM_NEWLINK: u16 = 16;
-    const NLMSG_ERROR: u16 = 2;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_ACK: u16 = 4;
-    const IFF_UP: u32 = 1;
-    const LOOPBACK_INDEX: i32 = 1;
-    // `None` is NETLINK_ROUTE.
-    let fd = socket(AddressFamily::NETLINK, SocketType::RAW, None)?;
-    let mut msg = Vec::with_capacity(32);
-    // struct nlmsghdr: length, type, flags, sequence, port id
-    msg.extend_from_slice(&32u32.to_ne_bytes());
-    msg.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    // struct ifinfomsg: family (AF_UNSPEC), padding, type, index, flags, change mask
-    msg.extend_from_slice(&[0, 0]);
-    msg.extend_from_slice(&0u16.to_ne_bytes());
-    msg.extend_from_slice(&LOOPBACK_INDEX.to_ne_bytes());
-    msg.extend_from_slice(&IFF_UP.to_ne_bytes());
-    msg.extend_from_slice(&IFF_UP.to_ne_bytes());
-    send(&fd, &msg, SendFlags::empty())?;
-    let mut buf = [0u8; 1024];
-    let (n, _) = recv(&fd, &mut buf[..], RecvFlags::empty())?;
-    let field = |at: usize, len: usize| buf.get(at..at + len).filter(|_| at + len <= n);
-    let kind = field(4, 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
-    let code = field(16, 4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-    match (kind, code) {
-        (Some(NLMSG_ERROR), Some(0)) => Ok(()),
-        (Some(NLMSG_ERROR), Some(code)) => Err(std::io::Error::from_raw_os_error(-code)),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "unexpected rtnetlink answer",
-        )),
-    }
 }
 
 fn stop_params(spec: Option<&Workload>) -> (String, Duration) {

@@ -45,6 +45,17 @@ static CHAIN_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 /// Networks (by name) that completed an ADD in this process: their bridge exists.
 static SET_UP: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
 
+/// Whether a plugin of type `plugin_type` would do nothing for a call with `capability_args`,
+/// and is skipped: portmap without port mappings passes the previous result through on ADD
+/// (it creates nothing), so its DEL has nothing to remove either. A plugin process is ~5 ms.
+fn has_nothing_to_do(plugin_type: &str, capability_args: &Map<String, Value>) -> bool {
+    plugin_type == "portmap"
+        && capability_args
+            .get("portMappings")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+}
+
 /// A held [`CHAIN_LOCK`], shared or exclusive.
 #[allow(dead_code)] // held for its drop
 enum ChainGuard {
@@ -710,6 +721,10 @@ impl Cni {
         self.write_record(&record).await?;
         let mut prev: Option<Value> = None;
         for (i, plugin) in list.plugins.iter().enumerate() {
+            if has_nothing_to_do(&plugin.plugin_type, &rt.capability_args) {
+                record.plugins_added = i + 1;
+                continue;
+            }
             let stdin = list.plugin_config(plugin, &rt.capability_args, prev.as_ref());
             let outcome = self
                 .exec(&plugin.plugin_type, Command::Add, Some(rt), &stdin)
@@ -787,6 +802,9 @@ impl Cni {
         let _chain = lock_chain(&conf, &call.capability_args).await;
         let mut first_err = None;
         for plugin in conf.plugins[..count].iter().rev() {
+            if has_nothing_to_do(&plugin.plugin_type, &call.capability_args) {
+                continue;
+            }
             let stdin = conf.plugin_config(plugin, &call.capability_args, prev.as_ref());
             if let Err(err) = self
                 .exec(&plugin.plugin_type, Command::Del, Some(&call), &stdin)

@@ -85,6 +85,15 @@ pub enum NetworkError {
         #[source]
         source: NetnsError,
     },
+    /// The namespace's loopback interface could not be brought up; the namespace is removed.
+    #[error("cannot bring up the loopback interface of container {container}")]
+    Loopback {
+        /// The container id.
+        container: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// ADD failed; what was done is undone (and `cleanup` says if undoing failed too).
     #[error("cannot attach container {container} to network {network}{}", cleanup_note(.cleanup))]
     Attach {
@@ -164,7 +173,7 @@ pub struct NetworkConfig {
     pub run_dir: PathBuf,
     /// Name of the container's interface.
     pub ifname: String,
-    /// Whether to bring up the container's `lo` with the loopback plugin before the network.
+    /// Whether to bring up the container's `lo` (in-process, over rtnetlink) before the network.
     pub loopback: bool,
     /// Limit for one plugin call.
     pub plugin_timeout: Duration,
@@ -239,8 +248,8 @@ impl Network {
                 path: config.conflist.clone(),
                 source,
             })?;
-        // The loopback plugin configures the interface CNI_IFNAME names, so it runs as a network
-        // of its own on "lo" (as containerd's CRI does), not as a link of the chain.
+        // Attachments made before loopback was brought up in-process ran the loopback plugin as a
+        // network of its own on "lo" (as containerd's CRI does); their records still need its DEL.
         let loopback = ConfList::from_value(
             json!({
                 "cniVersion": "1.0.0",
@@ -273,20 +282,13 @@ impl Network {
 
     /// Checks that every plugin is installed and speaks the conflist's version.
     pub async fn validate(&self) -> Result<(), NetworkError> {
-        let mut lists = vec![&self.list];
-        if self.config.loopback {
-            lists.push(&self.loopback);
-        }
-        for list in lists {
-            self.cni
-                .validate(list)
-                .await
-                .map_err(|source| NetworkError::Load {
-                    path: self.config.conflist.clone(),
-                    source,
-                })?;
-        }
-        Ok(())
+        self.cni
+            .validate(&self.list)
+            .await
+            .map_err(|source| NetworkError::Load {
+                path: self.config.conflist.clone(),
+                source,
+            })
     }
 
     /// Where a container's namespace is mounted.
@@ -317,6 +319,27 @@ impl Network {
                 source,
             },
         })?;
+        // Loopback up in-process (one rtnetlink message) rather than by the loopback plugin: the
+        // same result for ~5 ms less of a plugin process per container.
+        if self.config.loopback {
+            let up = netns::run_in(&path, netns::set_loopback_up)
+                .await
+                .map_err(io::Error::other)
+                .and_then(|r| r);
+            if let Err(source) = up {
+                if let Err(err) = netns::remove(&path).await {
+                    warn!(
+                        container = container_id,
+                        ?err,
+                        "cannot remove a network namespace"
+                    );
+                }
+                return Err(NetworkError::Loopback {
+                    container: container_id.to_owned(),
+                    source,
+                });
+            }
+        }
         let added = self.add(container_id, &path, ports).await;
         let network = self.list.name.clone();
         let container = container_id.to_owned();
@@ -350,14 +373,6 @@ impl Network {
         path: &Path,
         ports: &[PortMapping],
     ) -> Result<CniResult, CniError> {
-        if self.config.loopback {
-            self.cni
-                .add(
-                    &self.loopback,
-                    &self.runtime_conf(container_id, Some(path), LOOPBACK_IFNAME, &[]),
-                )
-                .await?;
-        }
         let rt = self.runtime_conf(container_id, Some(path), &self.config.ifname, ports);
         self.cni.add(&self.list, &rt).await
     }
@@ -412,7 +427,9 @@ impl Network {
             lists.push((&self.loopback, LOOPBACK_IFNAME));
         }
         for (list, ifname) in lists {
-            if recorded_only {
+            // The loopback network is only DELeted for attachments that ran its plugin (before
+            // loopback was brought up in-process); a namespace being removed needs nothing else.
+            if recorded_only || list.name == self.loopback.name {
                 match self.cni.cached(&list.name, container_id, ifname).await {
                     Ok(None) => continue,
                     Ok(Some(_)) => {}

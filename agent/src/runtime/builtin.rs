@@ -555,29 +555,40 @@ impl BuiltinRuntime {
             .map_err(io_err("writing the start FIFO"))?;
         drop(start);
         let mut buf = Vec::with_capacity(128);
-        let read = async {
-            loop {
-                let mut chunk = [0u8; 128];
-                let n = answer.read(&mut chunk).await?;
-                buf.extend_from_slice(&chunk[..n]);
-                if n == 0 || buf.contains(&b'\n') {
-                    return Ok::<(), io::Error>(());
+        {
+            let read = async {
+                loop {
+                    let mut chunk = [0u8; 128];
+                    let n = answer.read(&mut chunk).await?;
+                    buf.extend_from_slice(&chunk[..n]);
+                    if n == 0 || buf.contains(&b'\n') {
+                        return Ok::<(), io::Error>(());
+                    }
+                }
+            };
+            tokio::pin!(read);
+            let shim_gone = wait_exited(t.shim.clone());
+            tokio::select! {
+                biased;
+                r = tokio::time::timeout(START_TIMEOUT, &mut read) => match r {
+                    Ok(r) => r.map_err(io_err("reading the shim's start answer"))?,
+                    Err(_) => return Err(RuntimeError::Start {
+                        id: id.into(),
+                        reason: format!("no answer from the shim within {START_TIMEOUT:?}"),
+                    }),
+                },
+                () = shim_gone => {
+                    // A container that ends at once lets its shim answer and exit at once: the
+                    // answer may still be in the FIFO when the exit is noticed.
+                    let late = tokio::time::timeout(LATE_ANSWER, &mut read).await;
+                    if !matches!(late, Ok(Ok(()))) {
+                        return Err(RuntimeError::Start {
+                            id: id.into(),
+                            reason: "the shim exited".into(),
+                        });
+                    }
                 }
             }
-        };
-        let shim_gone = wait_exited(t.shim.clone());
-        tokio::select! {
-            r = tokio::time::timeout(START_TIMEOUT, read) => match r {
-                Ok(r) => r.map_err(io_err("reading the shim's start answer"))?,
-                Err(_) => return Err(RuntimeError::Start {
-                    id: id.into(),
-                    reason: format!("no answer from the shim within {START_TIMEOUT:?}"),
-                }),
-            },
-            () = shim_gone => return Err(RuntimeError::Start {
-                id: id.into(),
-                reason: "the shim exited".into(),
-            }),
         }
         let text = String::from_utf8_lossy(&buf);
         let text = text.trim();
@@ -982,6 +993,10 @@ fn has_exited(fd: &OwnedFd) -> bool {
 
 /// Resolves when the process behind `fd` has exited; never when `fd` is `None`'s opposite…
 /// with `None` (no process to watch) it resolves at once.
+/// How long an answer from a shim that exited is still waited for (it is in the FIFO already
+/// if it was written: this only covers the event reaching the reactor).
+const LATE_ANSWER: Duration = Duration::from_millis(200);
+
 async fn wait_exited(fd: Option<Arc<OwnedFd>>) {
     let Some(fd) = fd else { return };
     let dup = match rustix::io::fcntl_dupfd_cloexec(fd.as_fd(), 0) {
