@@ -35,6 +35,9 @@ use crate::network::{
 /// The subnet used when the scheduler allocates none (a single-node setup).
 pub const DEFAULT_SUBNET: &str = "10.88.0.0/24";
 
+/// How long after a warm namespace was taken the pool is refilled.
+const WARM_REFILL_DELAY: Duration = Duration::from_millis(100);
+
 /// How long a worker waits for the node's network before giving up on this attempt.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -468,7 +471,11 @@ impl Net {
                 Duration::from_secs(60)
             };
             tokio::select! {
-                () = self.warm_wake.notified() => {}
+                () = self.warm_wake.notified() => {
+                    // Refill after the start that took a namespace, not during it: both want
+                    // the CPU, and the start is what someone waits for.
+                    tokio::time::sleep(WARM_REFILL_DELAY).await;
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }
