@@ -169,8 +169,16 @@ struct Registry {
     addr: String,
 }
 
+/// A bcrypt hash (cost 4) of `pa55word`, for a registry behind htpasswd basic auth.
+const HTPASSWD: &str = "gantry:$2a$04$/jWaCGFp1/MOAaFkz8K8J.TehkystgyN9jwCOwcNlvLKMgs56DVZC\n";
+
 impl Registry {
     fn start(dir: &Path) -> Registry {
+        Self::start_with(dir, "")
+    }
+
+    /// A registry whose configuration ends with `auth` (an `auth:` YAML section, or nothing).
+    fn start_with(dir: &Path, auth: &str) -> Registry {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -181,7 +189,7 @@ impl Registry {
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    \
-                 rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                 rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth}",
                 dir.join("registry").display()
             ),
         )
@@ -268,6 +276,277 @@ fn images_are_pulled_from_a_registry_through_the_scheduler() {
     let out = cluster.run(&["image", "pull", &missing]);
     let err = out.fails(1);
     assert!(err.contains("node-a") && err.contains("not found"), "{err}");
+
+    agent.kill();
+}
+
+/// The paths of a `docker save` tarball's entries, sorted.
+fn tar_entries(path: &Path) -> Vec<String> {
+    let file = std::fs::File::open(path).expect("opening the tarball");
+    let mut names: Vec<String> = tar::Archive::new(file)
+        .entries()
+        .expect("a tarball")
+        .map(|e| {
+            e.expect("an entry")
+                .path()
+                .expect("a path")
+                .display()
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn images_are_tagged_and_saved_through_the_scheduler() {
+    if !can_run("image tag and save") {
+        return;
+    }
+    let cluster = Cluster::start(0);
+    let mut agent = node(&cluster);
+    let tarball = cluster.dir.path().join("busybox.tar");
+    std::fs::write(&tarball, busybox_image("gantry.test/tagme:1")).expect("tarball");
+    cluster
+        .run(&["image", "import", tarball.to_str().expect("utf-8")])
+        .ok();
+
+    // Tag: both references name the same image on node-a.
+    let out = cluster.run(&[
+        "image",
+        "tag",
+        "gantry.test/tagme:1",
+        "gantry.test/tagged:2",
+    ]);
+    let text = out.ok();
+    assert!(
+        text.starts_with("node-a: tagged gantry.test/tagme:1 as gantry.test/tagged:2"),
+        "{out:#?}"
+    );
+    let list = cluster.json(&["image", "ls", "-o", "json"]);
+    assert_eq!(
+        list["items"].as_array().expect("items").len(),
+        1,
+        "{list:#}"
+    );
+    assert_eq!(
+        list["items"][0]["references"],
+        serde_json::json!(["gantry.test/tagged:2", "gantry.test/tagme:1"]),
+        "{list:#}"
+    );
+    assert_eq!(list["items"][0]["nodes"], serde_json::json!(["node-a"]));
+    let doc = cluster.json(&[
+        "image",
+        "tag",
+        "--node",
+        "node-a",
+        "gantry.test/tagme:1",
+        "gantry.test/tagged:3",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(doc["kind"], "TagResult", "{doc:#}");
+    assert_eq!(doc["tagged"][0]["node"], "node-a", "{doc:#}");
+    assert_eq!(doc["tagged"][0]["digest"], list["items"][0]["digest"]);
+    cluster.run(&["image", "rm", "gantry.test/tagged:3"]).ok();
+
+    // Tagging an image no node holds, or to a bad reference.
+    let out = cluster.run(&["image", "tag", "gantry.test/nosuch:1", "gantry.test/x:1"]);
+    let err = out.fails(1);
+    assert!(
+        err.contains("image gantry.test/nosuch:1 not found on any node"),
+        "{err}"
+    );
+    let out = cluster.run(&["image", "tag", "gantry.test/tagme:1", "Bad Reference!"]);
+    let err = out.fails(1);
+    assert!(
+        err.contains("node-a") && err.contains("Bad Reference!"),
+        "{err}"
+    );
+
+    // Save to a file: a docker save tarball, and no temp file left.
+    let saved = cluster.dir.path().join("saved.tar");
+    let saved_str = saved.to_str().expect("utf-8");
+    let out = cluster.run(&["image", "save", "gantry.test/tagme:1", "-o", saved_str]);
+    out.ok();
+    assert!(
+        out.stderr.contains("node-a: saved gantry.test/tagme:1"),
+        "{out:#?}"
+    );
+    let entries = tar_entries(&saved);
+    for expected in ["index.json", "manifest.json", "oci-layout"] {
+        assert!(entries.iter().any(|e| e == expected), "{entries:?}");
+    }
+    assert!(!Path::new(&format!("{saved_str}.tmp")).exists());
+
+    // The same bytes on stdout when it is no terminal.
+    let piped = cluster
+        .gantry()
+        .args(["image", "save", "gantry.test/tagme:1", "-o", "-"])
+        .output()
+        .expect("running gantry");
+    assert!(piped.status.success(), "{piped:#?}");
+    assert_eq!(
+        piped.stdout,
+        std::fs::read(&saved).expect("the saved tarball"),
+        "the tarball on stdout differs from the file"
+    );
+
+    // The saved file brings the image back after it is removed, and runs.
+    cluster.run(&["image", "rm", "gantry.test/tagged:2"]).ok();
+    cluster.run(&["image", "rm", "gantry.test/tagme:1"]).ok();
+    assert_eq!(references(&cluster), Vec::<String>::new());
+    cluster.run(&["image", "import", saved_str]).ok();
+    assert!(
+        references(&cluster).contains(&"gantry.test/tagme:1".to_owned()),
+        "{:?}",
+        references(&cluster)
+    );
+    cluster
+        .run(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "gantry.test/tagme:1",
+            "--",
+            "/bin/true",
+        ])
+        .ok();
+
+    // Saving an image no node holds fails and leaves neither the file nor its temp file.
+    let missing = cluster.dir.path().join("missing.tar");
+    let missing_str = missing.to_str().expect("utf-8");
+    let out = cluster.run(&["image", "save", "gantry.test/nosuch:1", "-o", missing_str]);
+    let err = out.fails(1);
+    assert!(
+        err.contains("image gantry.test/nosuch:1 not found on any node"),
+        "{err}"
+    );
+    assert!(!missing.exists(), "a failed save leaves no file");
+    assert!(!Path::new(&format!("{missing_str}.tmp")).exists());
+    assert_eq!(
+        std::fs::read_dir(cluster.dir.path().join("agent/saves"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "the agent keeps no saved tarball"
+    );
+
+    agent.kill();
+}
+
+/// Whether the registry tools are here (skips on a laptop, fails under CI).
+fn have_registry_tools(what: &str) -> bool {
+    let missing = [REGISTRY_BIN, SKOPEO_BIN]
+        .into_iter()
+        .find(|tool| !Path::new(tool).exists());
+    match missing {
+        None => true,
+        Some(tool) => {
+            assert!(std::env::var_os("CI").is_none(), "{what} tests need {tool}");
+            eprintln!("skipping: {what} tests need {tool}");
+            false
+        }
+    }
+}
+
+#[test]
+fn images_are_pushed_to_a_registry_through_the_scheduler() {
+    if !can_run("image push") || !have_registry_tools("image push") {
+        return;
+    }
+    let cluster = Cluster::start(0);
+    let registry = Registry::start(cluster.dir.path());
+    let mut agent = node(&cluster);
+    let tarball = cluster.dir.path().join("busybox.tar");
+    std::fs::write(&tarball, busybox_image("gantry.test/pushme:1")).expect("tarball");
+    cluster
+        .run(&["image", "import", tarball.to_str().expect("utf-8")])
+        .ok();
+    let reference = format!("{}/test/pushed:1", registry.addr);
+    cluster
+        .run(&["image", "tag", "gantry.test/pushme:1", &reference])
+        .ok();
+
+    let out = cluster.run(&["image", "push", &reference]);
+    let text = out.ok();
+    let prefix = format!("node-a: pushed {reference} ");
+    assert!(text.starts_with(&prefix), "{out:#?}");
+    let digest = text[prefix.len()..]
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned();
+    assert!(digest.starts_with("sha256:"), "{text}");
+    assert!(text.contains("already present"), "{text}");
+
+    // Again: the registry has every blob.
+    let doc = cluster.json(&[
+        "image", "push", "--node", "node-a", &reference, "-o", "json",
+    ]);
+    assert_eq!(doc["kind"], "PushResult", "{doc:#}");
+    assert_eq!(doc["digest"], digest.as_str(), "{doc:#}");
+    assert_eq!(doc["pushedBlobs"], 0, "{doc:#}");
+    assert!(doc["existingBlobs"].as_u64().unwrap_or(0) >= 2, "{doc:#}");
+
+    // Pulled back after removal: the same digest.
+    cluster.run(&["image", "rm", &reference]).ok();
+    let out = cluster.run(&["image", "pull", &reference]);
+    let text = out.ok();
+    assert!(
+        text.starts_with(&format!("node-a: pulled {reference} {digest}")),
+        "{out:#?}"
+    );
+
+    // An image no node holds; a registry that does not answer.
+    let missing = format!("{}/test/nosuch:1", registry.addr);
+    let out = cluster.run(&["image", "push", &missing]);
+    let err = out.fails(1);
+    assert!(
+        err.contains(&format!("image {missing} not found on any node")),
+        "{err}"
+    );
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let nowhere = format!("127.0.0.1:{closed}/test/pushed:1");
+    cluster
+        .run(&["image", "tag", "gantry.test/pushme:1", &nowhere])
+        .ok();
+    let out = cluster.run(&["image", "push", &nowhere]);
+    let err = out.fails(1);
+    assert!(
+        err.contains("node-a") && err.contains(&format!("registry 127.0.0.1:{closed}")),
+        "{err}"
+    );
+    assert!(!err.contains("cannot reach the scheduler"), "{err}");
+
+    // A registry behind basic auth refuses the agent's anonymous push: the error names it.
+    let private_dir = cluster.dir.path().join("private");
+    std::fs::create_dir_all(&private_dir).expect("registry dir");
+    let htpasswd = private_dir.join("htpasswd");
+    std::fs::write(&htpasswd, HTPASSWD).expect("htpasswd");
+    let private = Registry::start_with(
+        &private_dir,
+        &format!(
+            "auth:\n  htpasswd:\n    realm: gantry-test\n    path: {}\n",
+            htpasswd.display()
+        ),
+    );
+    let guarded = format!("{}/private/busybox:1", private.addr);
+    cluster
+        .run(&["image", "tag", "gantry.test/pushme:1", &guarded])
+        .ok();
+    let out = cluster.run(&["image", "push", &guarded]);
+    let err = out.fails(1);
+    assert!(
+        err.contains("node-a")
+            && err.contains(&format!("registry {}", private.addr))
+            && err.contains("401"),
+        "{err}"
+    );
 
     agent.kill();
 }

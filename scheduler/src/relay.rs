@@ -348,6 +348,7 @@ impl Relays {
                 reference,
                 upload_id: String::new(),
                 size_bytes: 0,
+                target: String::new(),
             })
         };
         match self.ask(node, timeout, request).await? {
@@ -1162,6 +1163,7 @@ mod tests {
             reference: "busybox:1".into(),
             upload_id: String::new(),
             size_bytes: 0,
+            target: String::new(),
         }
     }
 

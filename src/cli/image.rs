@@ -1,5 +1,10 @@
-//! `gantry image ls|rm|prune|pull|import [--node NODE]`: the images on the nodes, through the
-//! scheduler, which asks each node's agent over its session.
+//! `gantry image ls|rm|prune|pull|import|tag|push|save [--node NODE]`: the images on the nodes,
+//! through the scheduler, which asks each node's agent over its session.
+//!
+//! `tag` works on every Ready node holding the image (a line per node, the others named as
+//! skipped); `push` and `save` on one node (`--node`, or the first Ready node holding it).
+//! `save` writes `FILE.tmp` and renames it to `FILE` only once the scheduler has ended the
+//! stream without error, so a failed save leaves no file.
 //!
 //! A node that cannot be asked does not fail `ls`, `rm` or `prune`: tables name it on stderr,
 //! `-o json|yaml` list it under `unavailable` (as `gantry top` does). `pull` and `import` fail
@@ -12,6 +17,9 @@
 //! `Images.Import`, which answers once with every node's result.
 //!
 //! ```text
+//! TagResult  {kind, source, target, tagged: [{node, digest}], missing: [node],
+//!             unavailable: [...]}
+//! PushResult {kind, reference, node, digest, pushedBlobs, existingBlobs, pushedBytes}
 //! ImageList  {kind, items: [{kind: "Image", digest, references, sizeBytes, nodes}],
 //!             unavailable: [{node, reason, replica, message}]}
 //! PullResult / ImportResult
@@ -53,6 +61,56 @@ pub enum ImageCommand {
     /// Import a `docker save` tarball or an OCI image layout (a directory or a tar; `-` reads
     /// stdin) onto every Ready node (or one).
     Import(ImportArgs),
+    /// Give an image a new reference on every Ready node holding it (or one).
+    Tag(TagArgs),
+    /// Push an image to its registry from one node (the first Ready node holding it, or
+    /// --node).
+    Push(PushArgs),
+    /// Write an image as a `docker save` tarball, from one node (the first Ready node holding
+    /// it, or --node).
+    Save(SaveArgs),
+}
+
+/// `gantry image tag`.
+#[derive(Args, Debug)]
+pub struct TagArgs {
+    /// The image: a reference (`busybox:1`), a digest (`sha256:…`) or an id prefix.
+    pub source: String,
+    /// The new reference (`registry.example:5000/app:2`).
+    pub target: String,
+    /// Only on this node.
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Output format (json or yaml; otherwise a line per node).
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `gantry image push`.
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// The reference to push, naming the registry (`registry.example:5000/app:2`).
+    pub reference: String,
+    /// Push from this node.
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Output format of the result (json or yaml; otherwise progress and a line).
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `gantry image save`.
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// The image: a reference (`busybox:1`), a digest (`sha256:…`) or an id prefix.
+    pub reference: String,
+    /// The file to write (`-`: stdout, refused on a terminal). Written as FILE.tmp and
+    /// renamed once whole.
+    #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "-")]
+    pub output: String,
+    /// Save from this node.
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
 }
 
 /// `gantry image pull`.
@@ -616,12 +674,303 @@ async fn import(client: &gantry::client::Client, args: ImportArgs) -> anyhow::Re
     )
 }
 
+/// One node's tag.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaggedDoc {
+    /// The node.
+    pub node: String,
+    /// The image's manifest digest.
+    pub digest: String,
+}
+
+/// The result of `gantry image tag`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TagDoc {
+    /// Always `TagResult`.
+    pub kind: &'static str,
+    /// The image tagged.
+    pub source: String,
+    /// The new reference.
+    pub target: String,
+    /// The nodes where it was tagged.
+    pub tagged: Vec<TaggedDoc>,
+    /// The nodes asked that do not hold the image.
+    pub missing: Vec<String>,
+    /// Nodes that could not be asked.
+    pub unavailable: Vec<super::top::UnavailableDoc>,
+}
+
+/// `gantry image tag`.
+async fn tag(client: &gantry::client::Client, args: TagArgs) -> anyhow::Result<()> {
+    let request = pb::TagImageRequest {
+        source: args.source.clone(),
+        target: args.target.clone(),
+        node: args.node.clone().unwrap_or_default(),
+    };
+    let response = client
+        .images()
+        .tag(client.request(request))
+        .await
+        .map_err(|s| error::api(s, client.address()))?
+        .into_inner();
+    let doc = TagDoc {
+        kind: "TagResult",
+        source: args.source.clone(),
+        target: args.target.clone(),
+        tagged: response
+            .tagged
+            .iter()
+            .map(|i| TaggedDoc {
+                node: i.node.clone(),
+                digest: i.digest.clone(),
+            })
+            .collect(),
+        missing: response.missing.clone(),
+        unavailable: response
+            .unavailable
+            .iter()
+            .map(super::top::UnavailableDoc::new)
+            .collect(),
+    };
+    if let Some(text) = super::output::machine(args.output.output, &doc)? {
+        return print(&text);
+    }
+    let mut text = String::new();
+    for t in &doc.tagged {
+        text.push_str(&format!(
+            "{}: tagged {} as {} ({})\n",
+            t.node,
+            args.source,
+            args.target,
+            short(&t.digest)
+        ));
+    }
+    for node in &doc.missing {
+        text.push_str(&format!("{node}: skipped, no image {}\n", args.source));
+    }
+    print(&text)?;
+    warn_unavailable(&response.unavailable);
+    Ok(())
+}
+
+/// The result of `gantry image push`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushDoc {
+    /// Always `PushResult`.
+    pub kind: &'static str,
+    /// The reference pushed to.
+    pub reference: String,
+    /// The node that pushed.
+    pub node: String,
+    /// The manifest digest pushed.
+    pub digest: String,
+    /// Blobs sent.
+    pub pushed_blobs: u32,
+    /// Blobs the registry had already.
+    pub existing_blobs: u32,
+    /// Bytes sent.
+    pub pushed_bytes: u64,
+}
+
+/// `gantry image push`.
+async fn push(client: &gantry::client::Client, args: PushArgs) -> anyhow::Result<()> {
+    let request = pb::PushImageRequest {
+        reference: args.reference.clone(),
+        node: args.node.clone().unwrap_or_default(),
+    };
+    let mut stream = client
+        .images()
+        .push(tonic::Request::new(request))
+        .await
+        .map_err(|s| error::api(s, client.address()))?
+        .into_inner();
+    let drawing = bars(args.output.output);
+    let multi = MultiProgress::with_draw_target(if drawing {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style =
+        ProgressStyle::with_template("{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes}")
+            .context("progress style")?
+            .progress_chars("=> ");
+    let mut layers: HashMap<String, ProgressBar> = HashMap::new();
+    let mut announced = false;
+    let mut result = None;
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(status) => {
+                let _ = multi.clear();
+                return Err(error::api(status, client.address()));
+            }
+        };
+        let pb::PushImageEvent {
+            node,
+            layers: progress,
+            result: last,
+        } = event;
+        // The agent's first frames may come before it knows it has the image.
+        let started = !progress.is_empty() || last.is_some();
+        if started && !announced && !drawing && args.output.output.is_table() {
+            eprintln!("pushing {} from node {node}", args.reference);
+            announced = true;
+        }
+        for layer in progress {
+            let bar = layers.entry(layer.digest.clone()).or_insert_with(|| {
+                let bar = multi.add(ProgressBar::new(layer.total_bytes));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{node} {}", short_layer(&layer.digest)));
+                bar
+            });
+            bar.set_length(layer.total_bytes);
+            bar.set_position(layer.done_bytes);
+        }
+        if last.is_some() {
+            result = last;
+        }
+    }
+    for bar in layers.values() {
+        bar.finish();
+    }
+    let _ = multi.clear();
+    let Some(result) = result else {
+        anyhow::bail!("the scheduler ended the push without a result; see its log");
+    };
+    let doc = PushDoc {
+        kind: "PushResult",
+        reference: args.reference.clone(),
+        node: result.node,
+        digest: result.digest,
+        pushed_blobs: result.pushed_blobs,
+        existing_blobs: result.existing_blobs,
+        pushed_bytes: result.pushed_bytes,
+    };
+    if let Some(text) = super::output::machine(args.output.output, &doc)? {
+        return print(&text);
+    }
+    print(&format!(
+        "{}: pushed {} {} ({} blob(s) sent, {} already present, {})\n",
+        doc.node,
+        doc.reference,
+        doc.digest,
+        doc.pushed_blobs,
+        doc.existing_blobs,
+        size(doc.pushed_bytes)
+    ))
+}
+
+/// A file being written as `FILE.tmp`; removed unless renamed to `FILE`.
+struct TempFile {
+    tmp: PathBuf,
+    done: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// `gantry image save`.
+async fn save(client: &gantry::client::Client, args: SaveArgs) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let to_stdout = args.output == "-";
+    if to_stdout && std::io::stdout().is_terminal() {
+        anyhow::bail!(
+            "refusing to write the image tarball to a terminal; give -o FILE or redirect stdout"
+        );
+    }
+    let request = pb::SaveImageRequest {
+        reference: args.reference.clone(),
+        node: args.node.clone().unwrap_or_default(),
+    };
+    let mut stream = client
+        .images()
+        .save(tonic::Request::new(request))
+        .await
+        .map_err(|s| error::api(s, client.address()))?
+        .into_inner();
+    let path = PathBuf::from(&args.output);
+    let mut tmp = None;
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
+        Box::new(tokio::io::stdout())
+    } else {
+        let name = format!("{}.tmp", args.output);
+        let file = tokio::fs::File::create(&name)
+            .await
+            .with_context(|| format!("cannot write {name}"))?;
+        tmp = Some(TempFile {
+            tmp: PathBuf::from(name),
+            done: false,
+        });
+        Box::new(file)
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new_spinner();
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("saving {spinner} {binary_bytes}")
+                .context("progress style")?,
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut node = String::new();
+    let mut written = 0u64;
+    loop {
+        let chunk = match stream.message().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(status) => {
+                bar.finish_and_clear();
+                return Err(error::api(status, client.address()));
+            }
+        };
+        if !chunk.node.is_empty() {
+            node = chunk.node;
+        }
+        out.write_all(&chunk.data)
+            .await
+            .with_context(|| format!("writing {}", args.output))?;
+        written += chunk.data.len() as u64;
+        bar.set_position(written);
+    }
+    bar.finish_and_clear();
+    out.flush()
+        .await
+        .with_context(|| format!("writing {}", args.output))?;
+    drop(out);
+    if let Some(mut tmp) = tmp {
+        std::fs::rename(&tmp.tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.tmp.display(), path.display()))?;
+        tmp.done = true;
+        eprintln!(
+            "{node}: saved {} to {} ({})",
+            args.reference,
+            path.display(),
+            size(written)
+        );
+    }
+    Ok(())
+}
+
 /// `gantry image …`.
 pub async fn image(ctx: &mut Ctx, command: ImageCommand) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     match command {
         ImageCommand::Pull(args) => pull(&client, args).await,
         ImageCommand::Import(args) => import(&client, args).await,
+        ImageCommand::Tag(args) => tag(&client, args).await,
+        ImageCommand::Push(args) => push(&client, args).await,
+        ImageCommand::Save(args) => save(&client, args).await,
         ImageCommand::Ls(args) => {
             let request = pb::ListImagesRequest {
                 node: args.node.unwrap_or_default(),
@@ -694,6 +1043,25 @@ pub async fn image(ctx: &mut Ctx, command: ImageCommand) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_save_temp_file_goes_unless_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let failed = dir.path().join("failed.tar.tmp");
+        std::fs::write(&failed, b"partial").unwrap();
+        drop(TempFile {
+            tmp: failed.clone(),
+            done: false,
+        });
+        assert!(!failed.exists(), "a failed save leaves no temp file");
+        let kept = dir.path().join("kept.tar");
+        std::fs::write(&kept, b"whole").unwrap();
+        drop(TempFile {
+            tmp: kept.clone(),
+            done: true,
+        });
+        assert!(kept.exists(), "a finished save is not touched");
+    }
 
     #[test]
     fn sizes_and_digests_read_as_docker_writes_them() {

@@ -15,6 +15,17 @@
 //! call runs, and asks each node to import it; the agents fetch the bytes with FetchUpload
 //! over their own connection. The file and the id go when the call ends, however it ends
 //! (a dropped call drops its guard). Import answers once, with every node's result.
+//!
+//! Tag asks every Ready node (or the one named) at once; nodes without the image are listed,
+//! and only none holding it is NOT_FOUND. Push and Save work on one node: the one named, or
+//! else the Ready nodes by name, asked in turn until one does not answer NOT_FOUND. Push
+//! streams that node's progress and then its result. Save opens a download slot (a random id
+//! holding the caller's stream) for the node asked; the agent writes the tarball and delivers
+//! it with DeliverSave, whose chunks go straight to the caller through a bounded queue, so
+//! neither side holds the tarball and a slow caller slows the agent. A caller that goes away
+//! fails the delivery (CANCELLED), which stops the agent. The stream ends without error only
+//! after the agent's OK reply, which it sends once its delivery call has ended: anything else
+//! ends it with a status, so a client never mistakes a cut tarball for a whole one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -44,6 +55,200 @@ const UPLOAD_CHUNK: usize = 1024 * 1024 - 1024;
 pub struct ImagesService {
     shared: Arc<Shared>,
     uploads: Arc<Mutex<HashMap<String, Upload>>>,
+    saves: SaveSlots,
+}
+
+/// Where the chunks of a Save go: its caller's stream.
+type SaveSender = mpsc::Sender<Result<pb::SaveImageChunk, Status>>;
+
+/// Chunks of a saved tarball queued for the Save's caller; a full queue holds the agent's
+/// delivery back.
+const SAVE_QUEUE: usize = 8;
+
+/// The download slots of the running Saves, by id.
+#[derive(Clone, Default)]
+struct SaveSlots {
+    slots: Arc<Mutex<HashMap<String, SaveSlot>>>,
+}
+
+/// A running Save waiting for (or receiving) one node's tarball.
+struct SaveSlot {
+    /// The node asked to deliver it.
+    node: String,
+    /// The Save's caller.
+    tx: SaveSender,
+    /// Whether a delivery has claimed it.
+    claimed: bool,
+}
+
+/// Removes a slot when its Save stops waiting for the node.
+struct SlotGuard {
+    slots: SaveSlots,
+    id: String,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots
+            .slots
+            .lock()
+            .expect("saves lock")
+            .remove(&self.id);
+    }
+}
+
+impl SaveSlots {
+    /// A new slot for `node`'s delivery to `tx`, under `id`.
+    fn open(&self, id: String, node: &str, tx: SaveSender) -> SlotGuard {
+        self.slots.lock().expect("saves lock").insert(
+            id.clone(),
+            SaveSlot {
+                node: node.to_owned(),
+                tx,
+                claimed: false,
+            },
+        );
+        SlotGuard {
+            slots: self.clone(),
+            id,
+        }
+    }
+
+    /// Claims slot `id` for a delivery, whose caller `allowed` checks against the node asked.
+    /// Returns the node and where the chunks go.
+    fn claim(
+        &self,
+        id: &str,
+        allowed: impl FnOnce(&str) -> bool,
+    ) -> Result<(String, SaveSender), Status> {
+        let mut slots = self.slots.lock().expect("saves lock");
+        let Some(slot) = slots.get_mut(id) else {
+            return Err(Status::not_found(
+                "no image save with this slot id is running; it ends with its Save call",
+            ));
+        };
+        if !allowed(&slot.node) {
+            return Err(Status::permission_denied(
+                "the client certificate does not name the node asked to save this image",
+            ));
+        }
+        if slot.claimed {
+            return Err(Status::failed_precondition(
+                "this save slot was delivered to already",
+            ));
+        }
+        if slot.tx.is_closed() {
+            return Err(Status::cancelled("the caller of the image save went away"));
+        }
+        slot.claimed = true;
+        Ok((slot.node.clone(), slot.tx.clone()))
+    }
+}
+
+/// Passes a delivery's chunks (after the first, whose data is `first`) on to the Save's
+/// caller, waiting while its queue is full. CANCELLED once the caller has gone away, which
+/// ends the agent's delivery. Returns the bytes passed on.
+async fn forward(
+    node: String,
+    first: Vec<u8>,
+    mut chunks: impl Stream<Item = Result<pb::SaveChunk, Status>> + Unpin,
+    tx: SaveSender,
+) -> Result<u64, Status> {
+    let gone = || Status::cancelled("the caller of the image save went away");
+    let mut size = first.len() as u64;
+    let head = pb::SaveImageChunk { node, data: first };
+    tx.send(Ok(head)).await.map_err(|_| gone())?;
+    while let Some(chunk) = chunks.next().await {
+        let pb::SaveChunk { slot_id, data } = chunk?;
+        if !slot_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "deliver save: a slot id after the first message; send it once, first",
+            ));
+        }
+        size += data.len() as u64;
+        let chunk = pb::SaveImageChunk {
+            node: String::new(),
+            data,
+        };
+        tx.send(Ok(chunk)).await.map_err(|_| gone())?;
+    }
+    Ok(size)
+}
+
+/// Whether a node's reply or failure lets the search for a node holding the image go on:
+/// NOT_FOUND, or a node that could not be asked, unless the caller named it.
+enum Outcome {
+    /// The node did it.
+    Done(pb::ImageReply),
+    /// The node does not hold the image.
+    Missing,
+    /// The node could not be asked.
+    Unavailable(pb::UnavailableNode),
+    /// The node failed; ends the call with this status.
+    Failed(Status),
+}
+
+fn outcome(
+    shared: &Shared,
+    node: &NodeView,
+    answer: Result<pb::ImageReply, crate::relay::AskError>,
+) -> Outcome {
+    match answer {
+        Ok(reply) => match Code::from(reply.code) {
+            Code::Ok => Outcome::Done(reply),
+            Code::NotFound => Outcome::Missing,
+            // The agent's message says what went wrong; INVALID_ARGUMENT is the caller's
+            // input, any other failure is the node's (or its registry's), never this
+            // scheduler's: clients must not take it for one of theirs (UNAVAILABLE reads as
+            // an unreachable scheduler).
+            Code::InvalidArgument => Outcome::Failed(Status::invalid_argument(format!(
+                "node {}: {}",
+                node.record.name, reply.message
+            ))),
+            _ => Outcome::Failed(Status::failed_precondition(format!(
+                "node {}: {}",
+                node.record.name, reply.message
+            ))),
+        },
+        Err(err) => Outcome::Unavailable(unavailable(shared, node, err)),
+    }
+}
+
+/// The status of a Push or Save that found no node to do it: NOT_FOUND naming the image,
+/// and the nodes that could not be asked.
+fn none_holds(what: &str, reference: &str, unavailable: &[pb::UnavailableNode]) -> Status {
+    if unavailable.is_empty() {
+        return Status::not_found(format!(
+            "image {reference} not found on any node; see `gantry image ls`"
+        ));
+    }
+    let left: Vec<String> = unavailable
+        .iter()
+        .map(|u| format!("node {}: {}", u.node, u.message))
+        .collect();
+    Status::not_found(format!(
+        "image {reference} not found on any node that could be asked to {what} it; {}",
+        left.join("; ")
+    ))
+}
+
+/// The connected nodes among `nodes`, by name; the others as `unavailable` entries (an error
+/// when `named`: the caller asked for that node).
+fn ready_by_name(
+    nodes: Vec<NodeView>,
+    named: bool,
+) -> Result<(Vec<NodeView>, Vec<pb::UnavailableNode>), Status> {
+    let mut ready = Vec::new();
+    let mut left = Vec::new();
+    for node in nodes {
+        match connected(&node) {
+            Ok(()) => ready.push(node),
+            Err(entry) if named => return Err(Status::failed_precondition(entry.message)),
+            Err(entry) => left.push(entry),
+        }
+    }
+    ready.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+    Ok((ready, left))
 }
 
 /// An upload of a running Import.
@@ -84,6 +289,7 @@ impl ImagesService {
         ImagesService {
             shared,
             uploads: Arc::new(Mutex::new(HashMap::new())),
+            saves: SaveSlots::default(),
         }
     }
 
@@ -239,6 +445,10 @@ fn result(node: &str, reply: pb::ImageReply) -> pb::ImageTransferResult {
         message,
         images,
         reclaimed_bytes: _,
+        pushed_blobs: _,
+        existing_blobs: _,
+        pushed_bytes: _,
+        digest: _,
     } = reply;
     pb::ImageTransferResult {
         node: node.to_owned(),
@@ -259,11 +469,235 @@ fn layers(frame: pb::ImageProgress) -> Vec<pb::LayerProgress> {
 
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullImageEvent, Status>> + Send>>;
 type FetchStream = Pin<Box<dyn Stream<Item = Result<pb::UploadChunk, Status>> + Send>>;
+type PushStream = Pin<Box<dyn Stream<Item = Result<pb::PushImageEvent, Status>> + Send>>;
+type SaveStream = Pin<Box<dyn Stream<Item = Result<pb::SaveImageChunk, Status>> + Send>>;
+
+/// An image request for `action` on `reference`.
+fn image_request(
+    action: pb::ImageAction,
+    reference: &str,
+    upload_id: &str,
+    target: &str,
+) -> pb::ImageRequest {
+    pb::ImageRequest {
+        relay_id: 0,
+        action: action as i32,
+        reference: reference.to_owned(),
+        upload_id: upload_id.to_owned(),
+        size_bytes: 0,
+        target: target.to_owned(),
+    }
+}
 
 #[tonic::async_trait]
 impl Images for ImagesService {
     type PullStream = PullStream;
     type FetchUploadStream = FetchStream;
+    type PushStream = PushStream;
+    type SaveStream = SaveStream;
+
+    async fn tag(
+        &self,
+        request: Request<pb::TagImageRequest>,
+    ) -> Result<Response<pb::TagImageResponse>, Status> {
+        let budget = self.shared.budget(&request);
+        let pb::TagImageRequest {
+            source,
+            target,
+            node,
+        } = request.into_inner();
+        if source.trim().is_empty() || target.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "tag: give the image and the new reference, as in `gantry image tag busybox:1 \
+                 registry.example:5000/busybox:1`",
+            ));
+        }
+        let nodes = nodes_named(&self.shared, budget, &node).await?;
+        let named = !node.is_empty();
+        let (ready, mut left) = ready_by_name(nodes, named)?;
+        let shared = &self.shared;
+        let request = image_request(pb::ImageAction::Tag, &source, "", &target);
+        let answers = futures::future::join_all(ready.iter().map(|node| {
+            let request = request.clone();
+            async move {
+                let answer = shared
+                    .relays
+                    .images_following(&node.record.name, request, ask_timeout(budget), |_| {})
+                    .await;
+                outcome(shared, node, answer)
+            }
+        }))
+        .await;
+        let mut response = pb::TagImageResponse::default();
+        for (node, answer) in ready.iter().zip(answers) {
+            match answer {
+                Outcome::Done(reply) => {
+                    response
+                        .tagged
+                        .extend(reply.images.into_iter().map(|image| pb::NodeImage {
+                            node: node.record.name.clone(),
+                            ..image
+                        }))
+                }
+                Outcome::Missing => response.missing.push(node.record.name.clone()),
+                Outcome::Unavailable(entry) => left.push(entry),
+                Outcome::Failed(status) => return Err(status),
+            }
+        }
+        if response.tagged.is_empty() && left.is_empty() {
+            return Err(Status::not_found(format!(
+                "image {source} not found on any node; see `gantry image ls`"
+            )));
+        }
+        left.sort_by(|a, b| a.node.cmp(&b.node));
+        response.unavailable = left;
+        Ok(Response::new(response))
+    }
+
+    async fn push(
+        &self,
+        request: Request<pb::PushImageRequest>,
+    ) -> Result<Response<PushStream>, Status> {
+        let budget = self.shared.budget(&request);
+        let pb::PushImageRequest { reference, node } = request.into_inner();
+        if reference.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "reference: required; give the reference to push, naming its registry, such as \
+                 registry.example:5000/app:1",
+            ));
+        }
+        let named = !node.is_empty();
+        let nodes = nodes_named(&self.shared, budget, &node).await?;
+        let (ready, mut left) = ready_by_name(nodes, named)?;
+        let (tx, rx) = mpsc::channel(64);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            for node in ready {
+                let name = node.record.name.clone();
+                let request = image_request(pb::ImageAction::Push, &reference, "", "");
+                let answer = shared
+                    .relays
+                    .images_following(&name, request, TRANSFER_IDLE, |frame| {
+                        let event = pb::PushImageEvent {
+                            node: name.clone(),
+                            layers: layers(frame),
+                            result: None,
+                        };
+                        // Never waits: a client behind on progress misses some.
+                        let _ = tx.try_send(Ok(event));
+                    })
+                    .await;
+                let last = match outcome(&shared, &node, answer) {
+                    Outcome::Done(reply) => Ok(pb::PushImageEvent {
+                        node: name.clone(),
+                        layers: Vec::new(),
+                        result: Some(pb::PushImageResult {
+                            node: name.clone(),
+                            digest: reply.digest,
+                            pushed_blobs: reply.pushed_blobs,
+                            existing_blobs: reply.existing_blobs,
+                            pushed_bytes: reply.pushed_bytes,
+                        }),
+                    }),
+                    Outcome::Missing if !named => continue,
+                    Outcome::Missing => Err(Status::not_found(format!(
+                        "image {reference} not found on node {name}; see `gantry image ls`"
+                    ))),
+                    Outcome::Unavailable(entry) if !named => {
+                        left.push(entry);
+                        continue;
+                    }
+                    Outcome::Unavailable(entry) => Err(Status::failed_precondition(entry.message)),
+                    Outcome::Failed(status) => Err(status),
+                };
+                let _ = tx.send(last).await;
+                return;
+            }
+            let _ = tx.send(Err(none_holds("push", &reference, &left))).await;
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn save(
+        &self,
+        request: Request<pb::SaveImageRequest>,
+    ) -> Result<Response<SaveStream>, Status> {
+        let budget = self.shared.budget(&request);
+        let pb::SaveImageRequest { reference, node } = request.into_inner();
+        if reference.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "reference: required; give an image reference or digest (see `gantry image ls`)",
+            ));
+        }
+        let named = !node.is_empty();
+        let nodes = nodes_named(&self.shared, budget, &node).await?;
+        let (ready, mut left) = ready_by_name(nodes, named)?;
+        let (tx, rx) = mpsc::channel(SAVE_QUEUE);
+        let shared = self.shared.clone();
+        let slots = self.saves.clone();
+        tokio::spawn(async move {
+            for node in ready {
+                let name = node.record.name.clone();
+                let id = match upload_id() {
+                    Ok(id) => id,
+                    Err(err) => {
+                        let status = Status::internal(format!("reading /dev/urandom: {err}"));
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let guard = slots.open(id.clone(), &name, tx.clone());
+                let request = image_request(pb::ImageAction::Save, &reference, &id, "");
+                let answer = shared
+                    .relays
+                    .images_following(&name, request, TRANSFER_IDLE, |_| {})
+                    .await;
+                // The delivery is over once the agent replies: the slot goes.
+                drop(guard);
+                let status = match outcome(&shared, &node, answer) {
+                    // The tarball is whole: ending the stream says so.
+                    Outcome::Done(_) => return,
+                    Outcome::Missing if !named => continue,
+                    Outcome::Missing => Status::not_found(format!(
+                        "image {reference} not found on node {name}; see `gantry image ls`"
+                    )),
+                    Outcome::Unavailable(entry) if !named => {
+                        left.push(entry);
+                        continue;
+                    }
+                    Outcome::Unavailable(entry) => Status::failed_precondition(entry.message),
+                    Outcome::Failed(status) => status,
+                };
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            let _ = tx.send(Err(none_holds("save", &reference, &left))).await;
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn deliver_save(
+        &self,
+        request: Request<Streaming<pb::SaveChunk>>,
+    ) -> Result<Response<pb::DeliverSaveResponse>, Status> {
+        let certs = request.peer_certs();
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("deliver save: no slot id; the first message must carry it")
+        })?;
+        let pb::SaveChunk { slot_id, data } = first;
+        // With mTLS only the agent asked may deliver.
+        let leaf = certs.as_ref().and_then(|chain| chain.first().cloned());
+        let allowed = |node: &str| {
+            leaf.as_ref()
+                .is_none_or(|leaf| crate::session::check_identity(leaf, node).is_ok())
+        };
+        let (node, tx) = self.saves.claim(&slot_id, allowed)?;
+        let size = forward(node, data, stream, tx).await?;
+        Ok(Response::new(pb::DeliverSaveResponse { size_bytes: size }))
+    }
 
     async fn pull(
         &self,
@@ -302,6 +736,7 @@ impl Images for ImagesService {
                         reference,
                         upload_id: String::new(),
                         size_bytes: 0,
+                        target: String::new(),
                     };
                     let answer = shared
                         .relays
@@ -372,6 +807,7 @@ impl Images for ImagesService {
                 reference: String::new(),
                 upload_id: upload_id.clone(),
                 size_bytes: size,
+                target: String::new(),
             };
             shared
                 .relays
@@ -547,5 +983,104 @@ impl Images for ImagesService {
         }
         response.removed = merged.into_summaries();
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: &[u8]) -> Result<pb::SaveChunk, Status> {
+        Ok(pb::SaveChunk {
+            slot_id: String::new(),
+            data: data.to_vec(),
+        })
+    }
+
+    #[test]
+    fn a_slot_takes_one_delivery_from_its_node_while_its_save_runs() {
+        let slots = SaveSlots::default();
+        let (tx, _rx) = mpsc::channel(SAVE_QUEUE);
+        let guard = slots.open("s1".into(), "n1", tx);
+
+        let unknown = slots.claim("s2", |_| true).expect_err("unknown slot");
+        assert_eq!(unknown.code(), Code::NotFound);
+        let stranger = slots
+            .claim("s1", |node| node == "n2")
+            .expect_err("other node");
+        assert_eq!(stranger.code(), Code::PermissionDenied);
+
+        let (node, _tx) = slots
+            .claim("s1", |node| node == "n1")
+            .expect("the node asked");
+        assert_eq!(node, "n1");
+        let again = slots.claim("s1", |_| true).expect_err("claimed twice");
+        assert_eq!(again.code(), Code::FailedPrecondition);
+
+        drop(guard);
+        let finished = slots.claim("s1", |_| true).expect_err("finished save");
+        assert_eq!(finished.code(), Code::NotFound);
+    }
+
+    #[test]
+    fn a_slot_whose_caller_went_away_refuses_the_delivery() {
+        let slots = SaveSlots::default();
+        let (tx, rx) = mpsc::channel(SAVE_QUEUE);
+        let _guard = slots.open("s1".into(), "n1", tx);
+        drop(rx);
+        let gone = slots.claim("s1", |_| true).expect_err("caller gone");
+        assert_eq!(gone.code(), Code::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn chunks_reach_the_caller_in_order_with_the_node_first() {
+        let (tx, mut rx) = mpsc::channel(SAVE_QUEUE);
+        let chunks = futures::stream::iter(vec![chunk(b"bc"), chunk(b"d")]);
+        let size = forward("n1".into(), b"a".to_vec(), chunks, tx)
+            .await
+            .expect("forwarded");
+        assert_eq!(size, 4);
+        let mut got = Vec::new();
+        while let Some(Ok(c)) = rx.recv().await {
+            got.push((c.node, c.data));
+        }
+        assert_eq!(
+            got,
+            [
+                ("n1".to_owned(), b"a".to_vec()),
+                (String::new(), b"bc".to_vec()),
+                (String::new(), b"d".to_vec()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_going_away_cancels_the_delivery() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let (chunks_tx, chunks_rx) = mpsc::channel(4);
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks_rx);
+        let delivery = tokio::spawn(forward("n1".into(), Vec::new(), chunks, tx));
+        chunks_tx.send(chunk(b"x")).await.unwrap();
+        // The caller reads the head, then goes away.
+        assert!(rx.recv().await.is_some());
+        drop(rx);
+        let _ = chunks_tx.send(chunk(b"y")).await;
+        let ended = delivery.await.unwrap().expect_err("cancelled");
+        assert_eq!(ended.code(), Code::Cancelled);
+        // The delivery stopped reading: the agent's sender sees the stream gone.
+        assert!(chunks_tx.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_second_slot_id_in_a_delivery_is_refused() {
+        let (tx, _rx) = mpsc::channel(SAVE_QUEUE);
+        let chunks = futures::stream::iter(vec![Ok(pb::SaveChunk {
+            slot_id: "s1".into(),
+            data: Vec::new(),
+        })]);
+        let err = forward("n1".into(), Vec::new(), chunks, tx)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument);
     }
 }

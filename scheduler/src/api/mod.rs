@@ -12,7 +12,7 @@
 //! | `instances.rs` | `Instances`: List, Get, and Logs and Exec relayed over node sessions |
 //! | `nodes.rs` | `Nodes`: List, Get, Cordon, Uncordon, Drain |
 //! | `top.rs` | `Nodes.Top`, `Instances.Top`: usage asked of the agents over their sessions |
-//! | `images.rs` | `Images`: List, Remove, Prune, Pull, Import, asked of the agents over their sessions; FetchUpload for the agents |
+//! | `images.rs` | `Images`: List, Remove, Prune, Pull, Import, Tag, Push, Save, asked of the agents over their sessions; FetchUpload and DeliverSave for the agents |
 //! | `events.rs` | `Events`: Watch |
 //!
 //! Limits: requests over [`ApiConfig::max_message_bytes`] are refused with
