@@ -287,6 +287,11 @@ fn up_twice_import_run_and_down_leaving_nothing_behind() {
     );
     assert_eq!(local.containers(), Vec::<String>::new());
     assert!(local.pids().is_empty());
+    // The agent's network namespaces (the warm ones too) are detached and unmounted by down.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = local.dir().to_string_lossy().into_owned();
+    let left: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&dir)).collect();
+    assert!(left.is_empty(), "mounts left under {dir}: {left:?}");
     // Down again: nothing to do, and says so.
     let idle = ok(&local.down(false), "gantry down (again)", &local);
     assert!(idle.contains("not running"), "{idle}");
