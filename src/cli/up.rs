@@ -744,6 +744,8 @@ fn network_cleanup(layout: &Layout, agent: Daemon, netns: Option<&Path>) {
     let status = command
         .args(["network", "cleanup", "--data-dir"])
         .arg(layout.dir(agent))
+        // Only its warnings: what it detached is the agent's business, not the operator's.
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .status();
     if !matches!(status, Ok(s) if s.success()) {
