@@ -258,10 +258,11 @@ fn push_error(err: ImageError) -> pb::ImageReply {
     error(code, message)
 }
 
-/// Removes a saved tarball once it is delivered (or not).
-struct SavedFile(std::path::PathBuf);
+/// A file removed when dropped, whatever happened meanwhile: a tarball saved for delivery, an
+/// upload spooled for import.
+struct RemovedOnDrop(std::path::PathBuf);
 
-impl Drop for SavedFile {
+impl Drop for RemovedOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
@@ -327,7 +328,7 @@ async fn write_and_deliver(
         .await
         .map_err(|err| internal(format!("creating {}: {err}", dir.display())))?;
     let path = dir.join(format!("{slot_id}.tar"));
-    let saved = SavedFile(path.clone());
+    let saved = RemovedOnDrop(path.clone());
     let store = env.images.clone();
     let name = reference.to_owned();
     let written = tokio::task::spawn_blocking(move || {
@@ -422,15 +423,6 @@ async fn write_and_deliver(
     }
 }
 
-/// Removes a spooled upload when the import is done with it.
-struct Spooled(std::path::PathBuf);
-
-impl Drop for Spooled {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// `IMAGE_ACTION_IMPORT`: fetches upload `upload_id` (`size` bytes) from the scheduler and
 /// imports it.
 async fn import(
@@ -480,7 +472,7 @@ async fn fetch_and_import(
         .await
         .map_err(|err| internal(format!("creating {}: {err}", dir.display())))?;
     let path = dir.join(format!("{upload_id}.tar"));
-    let spooled = Spooled(path.clone());
+    let spooled = RemovedOnDrop(path.clone());
     let mut file = tokio::fs::File::create(&path)
         .await
         .map_err(|err| internal(format!("creating {}: {err}", path.display())))?;
