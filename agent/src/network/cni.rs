@@ -42,7 +42,8 @@ const CACHE_KIND: &str = "gantryCniCacheV1";
 /// container runtimes run pod networking concurrently.
 static CHAIN_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// Networks (by name) that completed an ADD in this process: their bridge exists.
+/// Networks that completed an ADD in this process (by their whole configuration, so that two
+/// networks of one name on different bridges count apart): their bridge exists.
 static SET_UP: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
 
 /// Whether a plugin of type `plugin_type` would do nothing for a call with `capability_args`,
@@ -68,7 +69,7 @@ async fn lock_chain(list: &ConfList, capability_args: &Map<String, Value>) -> Ch
     let set_up = SET_UP
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .contains(&list.name);
+        .contains(&list.to_value().to_string());
     let firewall = list.plugins.iter().any(|p| p.plugin_type == "firewall");
     let ports = capability_args
         .get("portMappings")
@@ -756,7 +757,7 @@ impl Cni {
         SET_UP
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(list.name.clone());
+            .insert(list.to_value().to_string());
         let last = list
             .plugins
             .last()
