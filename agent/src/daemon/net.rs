@@ -384,35 +384,32 @@ impl Net {
             .unwrap_or_else(|| id.to_owned())
     }
 
-    /// A warm namespace of `network` for instance `id`, its claim recorded first; warm
-    /// namespaces of an older network (the subnet changed) are detached on the way.
+    /// A warm namespace of `network` for instance `id`, its claim recorded first. Warm
+    /// namespaces of an older network (the subnet changed) are left to [`Net::keep_warm`],
+    /// which the caller has woken, so that no start waits on their detach.
     async fn take_warm(&self, network: &Arc<Network>, id: &str) -> Option<Attachment> {
-        loop {
-            let taken = self
+        let (on, cni_id, attached) = {
+            let mut warm = self
                 .warm
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .pop();
-            let (on, cni_id, attached) = taken?;
-            if !Arc::ptr_eq(&on, network) {
-                if let Err(err) = on.detach(&cni_id).await {
-                    warn!(namespace = %cni_id, err = %error_chain(&err), "detaching a warm namespace of an old subnet failed");
-                }
-                continue;
-            }
-            let path = self.claim_path(id);
-            let claimed = path
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| write_bytes_atomic(&path, cni_id.as_bytes()));
-            if let Err(err) = claimed {
-                warn!(instance = %id, %err, "cannot record the claim of a warm namespace; attaching afresh");
-                let _ = on.detach(&cni_id).await;
-                return None;
-            }
-            debug!(instance = %id, namespace = %cni_id, "took a warm network namespace");
-            return Some(attached);
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = warm
+                .iter()
+                .rposition(|(on, _, _)| Arc::ptr_eq(on, network))?;
+            warm.swap_remove(at)
+        };
+        let path = self.claim_path(id);
+        let claimed = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| write_bytes_atomic(&path, cni_id.as_bytes()));
+        if let Err(err) = claimed {
+            warn!(instance = %id, %err, "cannot record the claim of a warm namespace; attaching afresh");
+            let _ = on.detach(&cni_id).await;
+            return None;
         }
+        debug!(instance = %id, namespace = %cni_id, "took a warm network namespace");
+        Some(attached)
     }
 
     /// Keeps the warm pool filled (the configured number of namespaces attached on the current
