@@ -512,13 +512,11 @@ impl Drop for HostAgent {
                 .args(&ids)
                 .status();
         }
-        // What the agent would detach at its next start.
-        let _ = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.display()))
-            .arg(Agent::binary())
-            .args(["network", "cleanup", "--data-dir"])
-            .arg(&self.data)
-            .status();
+        support::node::cleanup_after_agent(
+            &self.data,
+            gantry_agent::network::DEFAULT_BRIDGE,
+            Some(&self.netns),
+        );
     }
 }
 

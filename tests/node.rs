@@ -34,10 +34,12 @@ fn ready_ids(cluster: &Cluster, workload: &str) -> Vec<String> {
 fn mounts_under(dir: &Path) -> usize {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let claims = warm_claims(dir);
+    // The runtime's state tmpfs is the agent's, not a container's.
+    let state = format!(" {} ", dir.join("runtime/containers").display());
     let dir = dir.to_string_lossy();
     mountinfo
         .lines()
-        .filter(|l| l.contains(&*dir) && !unclaimed_warm_mount(l, &claims))
+        .filter(|l| l.contains(&*dir) && !l.contains(&state) && !unclaimed_warm_mount(l, &claims))
         .count()
 }
 

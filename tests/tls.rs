@@ -71,6 +71,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 struct Agent {
     child: Child,
     log: PathBuf,
+    data: PathBuf,
 }
 
 impl Agent {
@@ -94,13 +95,15 @@ impl Agent {
             .arg(cert)
             .arg("--key")
             .arg(key)
+            .arg("--cni-bridge")
+            .arg(support::node::bridge_of(&data))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .spawn()
             .expect("starting gantry-agent");
-        Agent { child, log }
+        Agent { child, log, data }
     }
 
     fn log(&self) -> String {
@@ -112,6 +115,8 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let bridge = support::node::bridge_of(&self.data);
+        support::node::cleanup_after_agent(&self.data, &bridge, None);
     }
 }
 

@@ -47,6 +47,17 @@ fn main() -> ExitCode {
             );
             block_on("run", serve::main(opts), |()| ExitCode::SUCCESS)
         }
+        Some("cleanup") => {
+            let opts = net_cmd::CleanupArgs::parse_from(
+                std::iter::once("gantry-agent cleanup".to_string())
+                    .chain(args[2..].iter().cloned()),
+            );
+            logs_to_stderr(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            );
+            block_on("cleanup", net_cmd::cleanup(opts), |()| ExitCode::SUCCESS)
+        }
         Some("network") => {
             let opts = net_cmd::NetworkCmd::parse_from(
                 std::iter::once("gantry-agent network".to_string())
@@ -72,7 +83,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: gantry-agent run --help | gantry-agent image --help | gantry-agent ctr --help | gantry-agent network --help | gantry-agent shim run|exec|delete STATE_DIR"
+                "usage: gantry-agent run --help | gantry-agent image --help | gantry-agent ctr --help | gantry-agent network --help | gantry-agent cleanup --help | gantry-agent shim run|exec|delete STATE_DIR"
             );
             ExitCode::from(2)
         }

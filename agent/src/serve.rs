@@ -46,6 +46,17 @@ pub struct Run {
     /// Parent cgroup for containers (default: a `gantry` child of the agent's own cgroup).
     #[arg(long)]
     cgroup_parent: Option<PathBuf>,
+    /// Keep container state directories (`<data-dir>/runtime/containers`) on a tmpfs mounted
+    /// there, as runc keeps its state in `/run`; logs stay on disk. `false` keeps them on disk.
+    #[arg(
+        long,
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    state_tmpfs: bool,
     /// CPU kept for the system, not offered to instances (`500m`, `1`).
     #[arg(long, default_value = "0")]
     reserve_cpu: Cpu,
@@ -228,6 +239,7 @@ fn config(run: Run) -> Result<Config> {
         address: run.address,
         data_dir: run.data_dir,
         cgroup_parent: run.cgroup_parent,
+        state_tmpfs: run.state_tmpfs,
         reserved: (
             run.reserve_cpu.millis(),
             run.reserve_memory.get(),

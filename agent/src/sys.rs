@@ -1,4 +1,5 @@
-//! The agent's only `unsafe` code: thin wrappers whose safety argument fits in a comment.
+//! The agent's only `unsafe` code: thin wrappers whose safety argument fits in a comment; and
+//! small queries of the system.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -38,4 +39,16 @@ pub fn unshare_network() -> std::io::Result<()> {
     // `NEWNET` is passed: it changes the network namespace of this thread and touches neither
     // memory nor file descriptors.
     unsafe { unshare_unsafe(UnshareFlags::NEWNET) }.map_err(std::io::Error::from)
+}
+
+/// Whether `path` is the root of a mount (its device differs from its parent's).
+pub fn is_mount_point(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(me), Some(Ok(parent))) = (
+        std::fs::symlink_metadata(path),
+        path.parent().map(std::fs::symlink_metadata),
+    ) else {
+        return false;
+    };
+    me.dev() != parent.dev()
 }

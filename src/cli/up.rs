@@ -704,7 +704,7 @@ pub async fn down(ctx: &mut Ctx, args: DownArgs) -> anyhow::Result<()> {
                 (Daemon::Agent(i), Some(hosts)) => Some(hosts.netns(*i)),
                 _ => None,
             };
-            network_cleanup(&layout, *agent, netns.as_deref());
+            agent_cleanup(&layout, *agent, netns.as_deref());
         }
         // The hosts go with their agents (kept with --keep: the containers live in them).
         if let Some(hosts) = layout.hosts() {
@@ -722,11 +722,12 @@ pub async fn down(ctx: &mut Ctx, args: DownArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Detaches what the stopped agent left attached (its warm network namespaces, attachments
-/// of removed containers) and, with no container left, its node-wide rules: `gantry-agent
-/// network cleanup`, in the agent's host namespace when it has one. A failure is reported,
+/// Cleans up after the stopped agent: detaches what it left attached (its warm network
+/// namespaces, attachments of removed containers), releases root filesystems of removed
+/// containers and, with no container left, removes its node-wide rules and unmounts its state
+/// tmpfs: `gantry-agent cleanup`, in the agent's host namespace when it has one. A failure is reported,
 /// not fatal: the next agent on the data dir cleans up the same way.
-fn network_cleanup(layout: &Layout, agent: Daemon, netns: Option<&Path>) {
+fn agent_cleanup(layout: &Layout, agent: Daemon, netns: Option<&Path>) {
     let Ok(binary) = find_binary(agent.binary()) else {
         return;
     };
@@ -742,7 +743,7 @@ fn network_cleanup(layout: &Layout, agent: Daemon, netns: Option<&Path>) {
         (None, _) => Command::new(binary),
     };
     let status = command
-        .args(["network", "cleanup", "--data-dir"])
+        .args(["cleanup", "--data-dir"])
         .arg(layout.dir(agent))
         // Only its warnings: what it detached is the agent's business, not the operator's.
         .env("RUST_LOG", "warn")
@@ -750,7 +751,7 @@ fn network_cleanup(layout: &Layout, agent: Daemon, netns: Option<&Path>) {
         .status();
     if !matches!(status, Ok(s) if s.success()) {
         eprintln!(
-            "warning: the network clean-up of {} failed; the next agent on {} retries it",
+            "warning: the clean-up after {} failed; the next agent on {} retries it",
             agent.name(),
             layout.dir(agent).display()
         );

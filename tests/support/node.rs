@@ -206,20 +206,35 @@ impl Drop for Agent {
                     .status();
             }
         }
-        // What the agent would detach at its next start (containers that no longer run).
-        let _ = Command::new(Self::binary())
-            .args(["network", "cleanup", "--data-dir"])
-            .arg(&self.data)
-            .arg("--cni-bridge")
-            .arg(bridge_of(&self.data))
+        cleanup_after_agent(&self.data, &bridge_of(&self.data), None);
+    }
+}
+
+/// What an agent on data dir `data` would clean up at its next start, for a test tearing it
+/// down (`gantry-agent cleanup`, in host namespace `netns` when given): network attachments
+/// and root filesystems of containers that are gone; with none left, the node rules of
+/// `bridge`, the state tmpfs and (in this namespace) the bridge itself.
+pub fn cleanup_after_agent(data: &Path, bridge: &str, netns: Option<&Path>) {
+    let mut command = match netns {
+        Some(netns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", netns.display()))
+                .arg(Agent::binary());
+            c
+        }
+        None => Command::new(Agent::binary()),
+    };
+    let _ = command
+        .args(["cleanup", "--data-dir"])
+        .arg(data)
+        .args(["--cni-bridge", bridge])
+        .env("RUST_LOG", "warn")
+        .status();
+    if netns.is_none() && containers_in(data).is_empty() {
+        let _ = Command::new("ip")
+            .args(["link", "del", bridge])
             .stderr(Stdio::null())
             .status();
-        if self.containers().is_empty() {
-            let _ = Command::new("ip")
-                .args(["link", "del", &bridge_of(&self.data)])
-                .stderr(Stdio::null())
-                .status();
-        }
     }
 }
 

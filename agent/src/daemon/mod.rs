@@ -59,6 +59,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Parent cgroup of the containers (default: a `gantry` child of the agent's cgroup).
     pub cgroup_parent: Option<PathBuf>,
+    /// Container state directories on a tmpfs (see `RuntimeConfig::state_tmpfs`).
+    pub state_tmpfs: bool,
     /// Resources kept for the system: CPU millicores, memory bytes, pids.
     pub reserved: (u64, u64, u32),
     /// How images are pulled.
@@ -81,8 +83,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
     let status_dir = config.data_dir.join("instances");
     std::fs::create_dir_all(&status_dir).with_context(|| format!("creating {status_dir:?}"))?;
     let shim = std::env::current_exe().context("locating the agent binary for the shim")?;
-    let runtime_config = RuntimeConfig::new(&runtime_root, &shim, config.cgroup_parent.as_deref())
-        .context("configuring the runtime")?;
+    let mut runtime_config =
+        RuntimeConfig::new(&runtime_root, &shim, config.cgroup_parent.as_deref())
+            .context("configuring the runtime")?;
+    runtime_config.state_tmpfs = config.state_tmpfs;
     let runtime = BuiltinRuntime::open(runtime_config).context("opening the runtime")?;
     let images =
         ImageStore::open(config.data_dir.join("images")).context("opening the image store")?;
@@ -305,7 +309,7 @@ async fn restore(runtime: &BuiltinRuntime, dir: &std::path::Path) -> Vec<Status>
 
 /// Releases root filesystems whose container is gone: an agent killed between removing a
 /// container and unmounting its rootfs, or between mounting one and creating the container.
-async fn release_orphan_rootfs(runtime: &BuiltinRuntime, images: &ImageStore) {
+pub async fn release_orphan_rootfs(runtime: &BuiltinRuntime, images: &ImageStore) {
     let containers: HashSet<String> = match runtime.list().await {
         Ok(list) => list.into_iter().map(|c| c.id).collect(),
         Err(err) => {

@@ -242,18 +242,6 @@ fn unmount(target: &Path) -> Result<(), RootfsError> {
     }
 }
 
-/// Whether `path` is on another filesystem than its parent (a mount point, for our mounts).
-fn is_mount_point(path: &Path) -> bool {
-    let (Ok(me), Some(Ok(parent))) = (
-        fs::symlink_metadata(path),
-        path.parent().map(fs::symlink_metadata),
-    ) else {
-        return false;
-    };
-    use std::os::unix::fs::MetadataExt;
-    me.dev() != parent.dev()
-}
-
 /// Tries an overlay mount in a scratch directory under `root`.
 fn probe_overlay(root: &Path) -> bool {
     let dir = root.join(fsutil::tmp_name("probe"));
@@ -284,7 +272,7 @@ fn probe_overlay(root: &Path) -> bool {
     if let Err(e) = &result {
         tracing::info!(error = %e, "overlayfs unusable: container root filesystems will be copies");
     }
-    if !is_mount_point(&dir.join("merged")) {
+    if !crate::sys::is_mount_point(&dir.join("merged")) {
         let _ = fsutil::remove_tree(&dir);
     }
     result.is_ok()
@@ -346,7 +334,7 @@ impl ImageStore {
             }
         })?;
         match existing {
-            Some(MountKind::Overlay) if is_mount_point(&rootfs) => return Ok(rootfs),
+            Some(MountKind::Overlay) if crate::sys::is_mount_point(&rootfs) => return Ok(rootfs),
             Some(MountKind::Copy) if dir.join("complete").exists() => return Ok(rootfs),
             _ => {}
         }
@@ -378,7 +366,7 @@ impl ImageStore {
                     fs::create_dir_all(&empty).map_err(ImageError::io("create", &empty))?;
                     lowers.push(empty);
                 }
-                if is_mount_point(&rootfs) {
+                if crate::sys::is_mount_point(&rootfs) {
                     return Ok(());
                 }
                 mount_overlay(&lowers, &upper, &work, &rootfs)?;
@@ -409,7 +397,7 @@ impl ImageStore {
         let dir = self.container_dir(container_id);
         let rootfs = dir.join("rootfs");
         unmount(&rootfs)?;
-        if is_mount_point(&rootfs) {
+        if crate::sys::is_mount_point(&rootfs) {
             return Err(RootfsError::StillMounted { path: rootfs }.into());
         }
         let kind = self.with_index(|index| index.holds.get(container_id).map(|h| h.mode));

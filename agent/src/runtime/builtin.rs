@@ -46,6 +46,13 @@ pub struct RuntimeConfig {
     pub seccomp_profile: Option<PathBuf>,
     /// The host's resolv.conf, copied (without loopback nameservers) into containers.
     pub host_resolv_conf: PathBuf,
+    /// Where container logs go: `<log_root>/<id>/`, on disk, linked from the state directory
+    /// as `logs`.
+    pub log_root: PathBuf,
+    /// Keep the container state directories (`<root>/containers`) on a tmpfs the runtime
+    /// mounts there, as runc keeps its state in `/run`: they are small files written on every
+    /// start and gone with the container, and a disk filesystem makes each of them cost.
+    pub state_tmpfs: bool,
 }
 
 impl RuntimeConfig {
@@ -71,6 +78,8 @@ impl RuntimeConfig {
             log: LogConfig::default(),
             seccomp_profile: None,
             host_resolv_conf: "/etc/resolv.conf".into(),
+            log_root: root.join("logs"),
+            state_tmpfs: false,
         })
     }
 }
@@ -194,6 +203,9 @@ impl BuiltinRuntime {
         let lock_path = config.root.join("runtime.lock");
         let lock =
             lock_file(&lock_path)?.ok_or_else(|| RuntimeError::Locked(config.root.clone()))?;
+        if config.state_tmpfs {
+            mount_state_tmpfs(&containers_dir)?;
+        }
         let created = config.cgroups.prepare()?;
         record_created_cgroups(&config.root, &created)?;
         let profile = match &config.seccomp_profile {
@@ -239,6 +251,18 @@ impl BuiltinRuntime {
         Ok(removed)
     }
 
+    /// Unmounts the state tmpfs (see [`RuntimeConfig::state_tmpfs`]) when the runtime holds no
+    /// container: for `down` and for tests. Returns whether it unmounted.
+    pub fn release_state_tmpfs(&self) -> Result<bool, RuntimeError> {
+        let dir = self.config.root.join("containers");
+        if !self.lock().is_empty() || !crate::sys::is_mount_point(&dir) {
+            return Ok(false);
+        }
+        rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH)
+            .map_err(|e| io_err(format!("unmounting {dir:?}"))(e.into()))?;
+        Ok(true)
+    }
+
     /// The settings the runtime was opened with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
@@ -264,6 +288,9 @@ impl BuiltinRuntime {
         let record: Option<ProcessRecord> = state::read_json(&dir.process())
             .map_err(io_err(format!("reading {:?}", dir.process())))?;
         let Some(spec) = spec else {
+            if let Some(id) = dir.path().file_name().and_then(|n| n.to_str()) {
+                let _ = remove_logs(&self.config.log_root, id);
+            }
             let _ = std::fs::remove_dir_all(dir.path());
             return Ok(None);
         };
@@ -293,6 +320,7 @@ impl BuiltinRuntime {
             tracing::info!(id = %spec.id, "removing a container whose create never finished");
             self.run_shim_delete(dir);
             let _ = self.config.cgroups.remove(&spec.id);
+            let _ = remove_logs(&self.config.log_root, &spec.id);
             let _ = std::fs::remove_dir_all(dir.path());
             return Ok(None);
         }
@@ -389,6 +417,7 @@ impl BuiltinRuntime {
                 // A failed create leaves nothing: the shim removed its runtime state; the cgroup
                 // and the state directory go here.
                 let _ = self.config.cgroups.remove(&id);
+                let _ = remove_logs(&self.config.log_root, &id);
                 let _ = std::fs::remove_dir_all(dir.path());
                 Err(err)
             }
@@ -465,7 +494,10 @@ impl BuiltinRuntime {
         // spec.json last: its presence marks a directory worth adopting.
         state::write_json(&dir.spec(), spec).map_err(io_err("writing spec.json"))?;
 
-        std::fs::create_dir_all(dir.logs()).map_err(io_err("creating the log directory"))?;
+        // The logs stay on disk, outside a state directory that may be a tmpfs.
+        let logs = self.config.log_root.join(id);
+        std::fs::create_dir_all(&logs).map_err(io_err("creating the log directory"))?;
+        std::os::unix::fs::symlink(&logs, dir.logs()).map_err(io_err("linking the logs"))?;
         let shim_log =
             std::fs::File::create(dir.shim_log()).map_err(io_err("creating shim.log"))?;
         // The shim's stdin is its lock: an flock taken here and inherited, held for the shim's
@@ -683,6 +715,7 @@ impl BuiltinRuntime {
             }
         }
         self.config.cgroups.remove(id)?;
+        remove_logs(&self.config.log_root, id)?;
         std::fs::remove_dir_all(t.dir.path())
             .map_err(io_err(format!("removing {:?}", t.dir.path())))?;
         self.lock().remove(id);
@@ -886,6 +919,46 @@ impl Runtime for BuiltinRuntime {
 
 /// Opens (creating) `path` and takes an exclusive flock on it without waiting; `None` when
 /// another process holds it.
+/// Mounts a tmpfs on the containers directory unless one is there. A directory that already
+/// holds containers on disk (left by an agent that kept them there) stays as it is: mounting
+/// over it would hide them.
+fn mount_state_tmpfs(dir: &Path) -> Result<(), RuntimeError> {
+    if crate::sys::is_mount_point(dir) {
+        return Ok(());
+    }
+    let held = std::fs::read_dir(dir)
+        .map_err(io_err(format!("reading {dir:?}")))?
+        .next()
+        .is_some();
+    if held {
+        tracing::warn!(
+            ?dir,
+            "container state stays on disk: containers are kept there"
+        );
+        return Ok(());
+    }
+    use rustix::mount::{MountFlags, mount};
+    mount(
+        "gantry-state",
+        dir,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        c"mode=0700,size=512m",
+    )
+    .map_err(|e| io_err(format!("mounting a tmpfs on {dir:?}"))(e.into()))
+}
+
+/// Removes container `id`'s log directory; a missing one is not an error.
+fn remove_logs(log_root: &Path, id: &str) -> Result<(), RuntimeError> {
+    let dir = log_root.join(id);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("removing {dir:?}"))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn lock_file(path: &Path) -> Result<Option<std::fs::File>, RuntimeError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
