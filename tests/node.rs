@@ -155,6 +155,22 @@ fn service_scaled_3_5_1(
         ready_ids(cluster, name).len() == 3
     });
     assert_eq!(agent.containers(), ready_ids(cluster, name));
+    // Each container holds its root filesystem in its own mount namespace; the node's mount
+    // table does not keep one per container.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let rootfs_mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.contains("/images/containers/"))
+        .collect();
+    assert!(rootfs_mounts.is_empty(), "{rootfs_mounts:#?}");
+    // An exec resolves its user in the container's root as the container sees it now.
+    let first = &ready_ids(cluster, name)[0];
+    let line = "echo tester:x:4321:4321::/:/bin/sh >>/etc/passwd";
+    cluster.run(&["exec", first, "--", "sh", "-c", line]).ok();
+    let uid = cluster.run(&[
+        "exec", first, "--user", "tester", "--", "busybox", "id", "-u",
+    ]);
+    assert_eq!(uid.ok(), "4321\n");
     cluster.run(&["scale", name, "5"]).ok();
     wait(agent, "5 instances Ready", limit, || {
         ready_ids(cluster, name).len() == 5 && agent.containers().len() == 5

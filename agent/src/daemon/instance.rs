@@ -435,6 +435,14 @@ impl Task {
                 return Err(err.to_string());
             }
         };
+        // The container holds its root filesystem now; the node's mount of it can go.
+        let images = self.env.images.clone();
+        let id = self.id.clone();
+        match tokio::task::spawn_blocking(move || images.detach_rootfs(&id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(instance = %self.id, %err, "detaching the root filesystem"),
+            Err(err) => warn!(instance = %self.id, %err, "detaching the root filesystem"),
+        }
         if bare_netns && let ContainerState::Created { pid } = created.state {
             // Nothing else sets up a `none` namespace, and a new one has its loopback down:
             // probes (and the workload) could not use 127.0.0.1.

@@ -384,6 +384,29 @@ impl ImageStore {
         Ok(())
     }
 
+    /// Detaches the node's mount of a container's overlay rootfs once the container holds its
+    /// own (its init has made it the root of its mount namespace, at create): the container
+    /// keeps it, and the overlay goes with the container's last process. The node's mount
+    /// table then does not grow with the containers it runs, and every process that reads
+    /// it (libcontainer reads it several times per container) stays cheap. The hold, the
+    /// directories and the upper layer stay until [`ImageStore::unmount_rootfs`]. Idempotent.
+    pub fn detach_rootfs(&self, container_id: &str) -> Result<(), ImageError> {
+        validate_container_id(container_id)?;
+        let _container = self.inner.container_locks.lock(container_id);
+        let rootfs = self.container_dir(container_id).join("rootfs");
+        if !crate::sys::is_mount_point(&rootfs) {
+            return Ok(());
+        }
+        match rmount::unmount(&rootfs, UnmountFlags::DETACH) {
+            Ok(()) | Err(Errno::INVAL) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(RootfsError::Unmount {
+                path: rootfs,
+                source: e.into(),
+            }
+            .into()),
+        }
+    }
+
     /// Unmounts (or deletes, for a copy) a container's rootfs, removes its directories and
     /// drops its hold on the image. Idempotent. A busy mount is an error, never detached
     /// lazily. Blocking.

@@ -492,8 +492,16 @@ fn exec(dir: &ContainerDir, json: &str, tty_name: Option<&str>) -> io::Result<i3
     } else {
         &exec.user
     };
+    // The container's own view of its root: the node's mount of the rootfs is detached once
+    // the container exists (see `ImageStore::detach_rootfs`).
+    let root = match state::read_json::<ProcessRecord>(&dir.process())? {
+        Some(record) if record.init.open()?.is_some() => {
+            std::path::PathBuf::from(format!("/proc/{}/root", record.init.pid))
+        }
+        _ => spec.rootfs.clone(),
+    };
     let resolved =
-        Some(user::resolve(&spec.rootfs, user_spec).map_err(|e| io::Error::other(e.to_string()))?);
+        Some(user::resolve(&root, user_spec).map_err(|e| io::Error::other(e.to_string()))?);
     if exec.tty {
         return exec_tty(
             dir,
