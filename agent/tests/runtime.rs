@@ -560,6 +560,7 @@ async fn delete_leaves_no_cgroup_mount_process_or_state() {
     );
     let state_dir = env.config.root.join("containers").join(&id);
     assert!(!state_dir.exists());
+    assert!(!env.config.log_root.join(&id).exists(), "logs left behind");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mounts.contains(state_dir.to_str().unwrap()),
@@ -573,6 +574,48 @@ async fn delete_leaves_no_cgroup_mount_process_or_state() {
         env.rt.state(&id).await,
         Err(RuntimeError::NotFound(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_on_a_tmpfs_and_logs_on_disk() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(tmp.path());
+    let config = test_config(tmp.path(), "tmpfs", |c| c.state_tmpfs = true);
+    let containers = config.root.join("containers");
+    let tmpfs_line = |dir: &Path| {
+        let needle = format!(" {} ", dir.display());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.contains(&needle))
+            .map(str::to_owned)
+    };
+    // Logs of a container whose state is gone (as after a reboot) go when the runtime opens.
+    std::fs::create_dir_all(config.log_root.join("ghost")).unwrap();
+    let rt = BuiltinRuntime::open(config.clone()).unwrap();
+    assert!(!config.log_root.join("ghost").exists());
+    let line = tmpfs_line(&containers).expect("a mount on the containers directory");
+    assert!(line.contains(" - tmpfs "), "{line}");
+
+    let spec = ContainerSpec::new("talk", &rootfs, ["echo", "hello"]);
+    rt.create(spec).await.unwrap();
+    rt.start("talk").await.unwrap();
+    rt.wait("talk").await.unwrap();
+    let info = rt.state("talk").await.unwrap();
+    assert_eq!(log_text(&info.log_dir).await, "hello\n");
+    // On disk, under the log root; linked from the state directory.
+    assert!(config.log_root.join("talk/container.log").is_file());
+    assert!(containers.join("talk/logs").is_symlink());
+    // A tmpfs holding a container stays; once none is left it goes.
+    assert!(!rt.release_state_tmpfs().unwrap());
+    rt.delete("talk").await.unwrap();
+    assert!(!config.log_root.join("talk").exists());
+    assert!(rt.release_state_tmpfs().unwrap());
+    assert!(tmpfs_line(&containers).is_none());
+    let _ = rt.release_cgroups();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,6 +235,7 @@ impl BuiltinRuntime {
                 }
             }
         }
+        rt.remove_orphan_logs(&containers_dir);
         Ok(rt)
     }
 
@@ -249,6 +250,21 @@ impl BuiltinRuntime {
         let left: Vec<PathBuf> = dirs.into_iter().filter(|d| d.exists()).collect();
         state::write_json(&path, &left).map_err(io_err(format!("writing {path:?}")))?;
         Ok(removed)
+    }
+
+    /// Removes the log directories of containers whose state directory is gone (a reboot
+    /// empties the state tmpfs; the logs on disk would otherwise stay forever).
+    fn remove_orphan_logs(&self, containers_dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.config.log_root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !containers_dir.join(&name).exists() {
+                tracing::info!(dir = ?entry.path(), "removing the logs of a container that is gone");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     /// Unmounts the state tmpfs (see [`RuntimeConfig::state_tmpfs`]) when the runtime holds no
