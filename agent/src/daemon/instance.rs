@@ -238,7 +238,14 @@ impl Task {
 
     fn report(&self) {
         debug!(instance = %self.id, state = ?self.status.state, reason = %self.status.reason, "status");
-        if let Err(err) = status::save(&self.env.status_dir, &self.status) {
+        // On the way to a container nothing needs keeping: an agent restarted meanwhile finds
+        // the container (or none) in the runtime, and the last kept status (restart count,
+        // last exit) stays as it was. Each save is a file created and one replaced.
+        let passing = matches!(
+            self.status.state,
+            State::Pending | State::Pulling | State::Starting
+        );
+        if !passing && let Err(err) = status::save(&self.env.status_dir, &self.status) {
             warn!(instance = %self.id, %err, "keeping the instance status on disk failed");
         }
         let _ = self.env.reports.send(self.status.clone());

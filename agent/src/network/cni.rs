@@ -719,27 +719,28 @@ impl Cni {
             result: None,
             complete: false,
         };
-        self.write_record(&record).await?;
         let mut prev: Option<Value> = None;
         for (i, plugin) in list.plugins.iter().enumerate() {
             if has_nothing_to_do(&plugin.plugin_type, &rt.capability_args) {
                 record.plugins_added = i + 1;
                 continue;
             }
+            // Recorded before the plugin runs, so that a crash during the call still leaves a
+            // record that DELs it (a DEL of what was never added succeeds).
+            record.plugins_added = i + 1;
+            record.result = prev.clone();
+            self.write_record(&record).await?;
             let stdin = list.plugin_config(plugin, &rt.capability_args, prev.as_ref());
             let outcome = self
                 .exec(&plugin.plugin_type, Command::Add, Some(rt), &stdin)
                 .await
                 .and_then(|out| parse_result(&plugin.plugin_type, &out));
             match outcome {
-                Ok(value) => {
-                    prev = Some(value);
-                    record.plugins_added = i + 1;
-                }
+                Ok(value) => prev = Some(value),
                 Err(err) => {
                     // A plugin that never started changed nothing and needs no DEL.
-                    if !matches!(err, CniError::PluginNotFound { .. }) {
-                        record.plugins_added = i + 1;
+                    if matches!(err, CniError::PluginNotFound { .. }) {
+                        record.plugins_added = i;
                     }
                     record.result = prev;
                     if let Err(cache_err) = self.write_record(&record).await {
@@ -748,10 +749,8 @@ impl Cni {
                     return Err(err);
                 }
             }
-            // Record progress, so a crash mid-chain still leaves a DEL-able record.
-            record.result = prev.clone();
-            self.write_record(&record).await?;
         }
+        record.result = prev.clone();
         record.complete = true;
         self.write_record(&record).await?;
         SET_UP
@@ -988,7 +987,9 @@ impl Cni {
         read_record_file(&self.record_path(network, container_id, ifname)).await
     }
 
-    /// Writes a record atomically (temporary file, then rename), readable by root only.
+    /// Writes a record atomically (temporary file, then rename), readable by root only. No
+    /// fsync, as libcni: a record has to outlive the agent, which the page cache does; after a
+    /// machine crash the namespaces it names are gone.
     async fn write_record(&self, record: &CacheRecord) -> Result<(), CniError> {
         let dir = self.results_dir();
         tokio::fs::create_dir_all(&dir)
@@ -1015,7 +1016,6 @@ impl Cni {
                 .open(&tmp)
                 .await?;
             file.write_all(&bytes).await?;
-            file.sync_all().await?;
             tokio::fs::rename(&tmp, &path).await
         };
         write
