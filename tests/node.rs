@@ -162,9 +162,10 @@ fn service_scaled_3_5_1(
     // Each container holds its root filesystem in its own mount namespace; the node's mount
     // table does not keep one per container.
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let rootfs_dir = format!(" {}/", agent.data().join("images/containers").display());
     let rootfs_mounts: Vec<&str> = mountinfo
         .lines()
-        .filter(|l| l.contains("/images/containers/"))
+        .filter(|l| l.contains(&rootfs_dir))
         .collect();
     assert!(rootfs_mounts.is_empty(), "{rootfs_mounts:#?}");
     // An exec resolves its user in the container's root as the container sees it now.

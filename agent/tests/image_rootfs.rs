@@ -94,6 +94,13 @@ fn check_rootfs(store: &ImageStore, image: &Image, rootfs: &Path) {
 }
 
 fn holds_and_releases(store: &ImageStore, image: &Image, id: &str) {
+    // The hold is kept with the container, not in the index file, and outlives the store.
+    assert!(store.container_dir(id).join("hold.json").is_file());
+    let index = std::fs::read_to_string(store.root().join("index.json")).unwrap();
+    assert!(
+        !index.contains(&format!("\"{id}\"")),
+        "the index file names {id}:\n{index}"
+    );
     assert!(matches!(
         store.remove(&image.digest),
         Err(ImageError::InUse { .. })
@@ -166,6 +173,54 @@ fn copied_rootfs_is_the_same_tree() {
     );
     check_rootfs(&store, &image, &rootfs);
     holds_and_releases(&store, &image, "copy-1");
+}
+
+#[test]
+fn a_hold_outlives_the_store_and_an_older_index_files_holds_move() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("images");
+    let options = || StoreOptions {
+        rootfs: RootfsMode::Copy,
+    };
+    let store = ImageStore::open_with(root.clone(), options()).unwrap();
+    let image = import(&store, &two_layer_image(), "example.com/two:1");
+    store.mount_rootfs(&image, "kept").unwrap();
+    drop(store);
+
+    // An older agent kept holds in the index file: one more, for a container directory.
+    let index_path = root.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["holds"] = serde_json::json!({"older": {"image": image.digest, "mode": "copy"}});
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::create_dir_all(root.join("containers/older/rootfs")).unwrap();
+
+    let store = ImageStore::open_with(root.clone(), options()).unwrap();
+    let mut holds = store.holds();
+    holds.sort();
+    let expected = vec![
+        ("kept".to_owned(), image.digest.clone()),
+        ("older".to_owned(), image.digest.clone()),
+    ];
+    assert_eq!(holds, expected);
+    assert!(root.join("containers/older/hold.json").is_file());
+    assert!(matches!(
+        store.remove(&image.digest),
+        Err(ImageError::InUse { .. })
+    ));
+    // Written without holds now, the index file loses nothing: they are in the directories.
+    store.remove(&image.references[0]).unwrap();
+    drop(store);
+    let store = ImageStore::open_with(root.clone(), options()).unwrap();
+    assert_eq!(store.holds().len(), 2);
+    store.unmount_rootfs("kept").unwrap();
+    store.unmount_rootfs("older").unwrap();
+    assert!(store.holds().is_empty());
+    store.prune().unwrap();
+    assert!(store.list().unwrap().is_empty());
 }
 
 #[test]

@@ -166,6 +166,11 @@ impl Agent {
         std::fs::read_to_string(self.data.join("agent.log")).unwrap_or_default()
     }
 
+    /// The agent's data directory.
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
     /// Ids of the containers the runtime holds.
     pub fn containers(&self) -> Vec<String> {
         containers_in(&self.data)

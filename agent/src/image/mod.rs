@@ -25,10 +25,11 @@
 //! # Layout on disk (`root` is the store's directory)
 //!
 //! ```text
-//! root/index.json                 images, references and container holds (one JSON file)
+//! root/index.json                 images and references (one JSON file)
 //! root/blobs/sha256/<hex>         manifests, configs and layer blobs, named by their digest
 //! root/layers/<24 hex>/           one unpacked layer, an overlayfs lower dir (id = diff_id prefix)
 //! root/containers/<id>/{upper,work,rootfs}   one container's writable layer and mount point
+//! root/containers/<id>/hold.json  the image the container holds, and how its rootfs is made
 //! ```
 //!
 //! # Invariants
@@ -44,8 +45,11 @@
 //!   image record names it, or while an import or pull in progress holds a lease on it.
 //!   Removing an image deletes exactly the blobs and layers no other record names and nobody
 //!   leases, so shared layers stay.
-//! - A container holds its image (`holds` in the index, written before the mount): an image
-//!   held by a container is never removed, by `remove`, `prune` or the garbage collector.
+//! - A container holds its image (`hold.json` in its directory, written before the mount, and
+//!   kept in memory with the index): an image held by a container is never removed, by
+//!   `remove`, `prune` or the garbage collector. Holds are not in `index.json`, so a container
+//!   start rewrites no shared file and takes no fsync (an older index's holds move to their
+//!   directories when the store opens).
 //! - Layer blobs are kept after unpacking, so `save` can write the image back with the same
 //!   digests, and a pull of an image sharing layers skips both download and unpack.
 

@@ -242,6 +242,44 @@ fn unmount(target: &Path) -> Result<(), RootfsError> {
     }
 }
 
+/// The file in a container's directory that records its hold.
+const HOLD_FILE: &str = "hold.json";
+
+/// Records `hold` in container directory `dir` (created), before its rootfs is made. No fsync:
+/// a hold has to outlive the agent, which the page cache does; after a machine crash the
+/// container is gone.
+pub(crate) fn write_hold(dir: &Path, hold: &Hold) -> Result<(), ImageError> {
+    fs::create_dir_all(dir).map_err(ImageError::io("create", dir))?;
+    let path = dir.join(HOLD_FILE);
+    let data = serde_json::to_vec(hold)
+        .map_err(|e| ImageError::io("encode", &path)(io::Error::other(e)))?;
+    fs::write(&path, data).map_err(ImageError::io("write", &path))
+}
+
+/// The holds recorded under the containers directory, by container id. A hold file that
+/// cannot be read (a write cut short by a crash) is skipped, and named in the log.
+pub(crate) fn read_holds(
+    containers: &Path,
+) -> Result<std::collections::BTreeMap<String, Hold>, ImageError> {
+    let mut holds = std::collections::BTreeMap::new();
+    let entries = fs::read_dir(containers).map_err(ImageError::io("read", containers))?;
+    for entry in entries.flatten() {
+        let path = entry.path().join(HOLD_FILE);
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(ImageError::io("read", &path)(e)),
+        };
+        match serde_json::from_slice::<Hold>(&data) {
+            Ok(hold) => {
+                holds.insert(entry.file_name().to_string_lossy().into_owned(), hold);
+            }
+            Err(err) => tracing::warn!(?path, %err, "skipping an unreadable hold"),
+        }
+    }
+    Ok(holds)
+}
+
 /// Tries an overlay mount in a scratch directory under `root`.
 fn probe_overlay(root: &Path) -> bool {
     let dir = root.join(fsutil::tmp_name("probe"));
@@ -305,7 +343,9 @@ impl ImageStore {
         };
         let dir = self.container_dir(container_id);
         let rootfs = dir.join("rootfs");
-        let existing = self.update_index(|index| {
+        // The hold is kept in the container's directory, not in the index file: a start
+        // rewrites no shared file. `last_used` is kept in memory until the index is written.
+        let existing = self.with_index_mut(|index| {
             if !index.images.contains_key(&image.digest) {
                 return Err(ImageError::NotFound {
                     reference: image.digest.clone(),
@@ -322,13 +362,12 @@ impl ImageStore {
                 .into()),
                 Some(h) => Ok(Some(h.mode)),
                 None => {
-                    index.holds.insert(
-                        container_id.to_string(),
-                        Hold {
-                            image: image.digest.clone(),
-                            mode: kind,
-                        },
-                    );
+                    let hold = Hold {
+                        image: image.digest.clone(),
+                        mode: kind,
+                    };
+                    write_hold(&dir, &hold)?;
+                    index.holds.insert(container_id.to_string(), hold);
                     Ok(None)
                 }
             }
@@ -434,10 +473,8 @@ impl ImageStore {
             }
         }
         fsutil::remove_tree(&dir).map_err(ImageError::io("remove", &dir))?;
-        self.update_index(|index| {
-            index.holds.remove(container_id);
-            Ok(())
-        })
+        self.with_index_mut(|index| index.holds.remove(container_id));
+        Ok(())
     }
 
     /// The containers holding images, with the image each holds.

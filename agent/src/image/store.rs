@@ -130,7 +130,9 @@ pub(crate) struct IndexFile {
     pub(crate) images: BTreeMap<String, ImageRecord>,
     #[serde(default)]
     pub(crate) references: BTreeMap<String, String>,
-    #[serde(default)]
+    /// Kept per container in `containers/<id>/hold.json` (see `rootfs.rs`), not in the index
+    /// file: a container start then rewrites no shared file. Read from an older index file.
+    #[serde(default, skip_serializing)]
     pub(crate) holds: BTreeMap<String, Hold>,
 }
 
@@ -314,7 +316,7 @@ impl ImageStore {
         fsutil::remove_stale_temps(&root).map_err(ImageError::io("clean", &root))?;
         let blobs = BlobStore::open(&root)?;
         let index_path = root.join("index.json");
-        let index: IndexFile = match fs::read(&index_path) {
+        let mut index: IndexFile = match fs::read(&index_path) {
             Ok(data) => {
                 serde_json::from_slice(&data).map_err(|source| ImageError::IndexCorrupt {
                     path: index_path.clone(),
@@ -338,6 +340,16 @@ impl ImageStore {
                 version: index.version,
             });
         }
+        // Holds an older agent kept in the index file move to their containers' directories.
+        for (container, hold) in &index.holds {
+            let dir = containers_dir.join(container);
+            if dir.is_dir() && !dir.join("hold.json").exists() {
+                super::rootfs::write_hold(&dir, hold)?;
+            }
+        }
+        index
+            .holds
+            .extend(super::rootfs::read_holds(&containers_dir)?);
         Ok(ImageStore {
             inner: Arc::new(Inner {
                 root,
@@ -378,6 +390,11 @@ impl ImageStore {
     }
 
     /// Reads the index under its lock.
+    /// Changes the index in memory only: for what is kept elsewhere (holds).
+    pub(crate) fn with_index_mut<T>(&self, f: impl FnOnce(&mut IndexFile) -> T) -> T {
+        f(&mut lock(&self.inner.index))
+    }
+
     pub(crate) fn with_index<T>(&self, f: impl FnOnce(&IndexFile) -> T) -> T {
         f(&lock(&self.inner.index))
     }
