@@ -219,6 +219,41 @@ impl Drop for Registry {
 }
 
 #[test]
+fn an_import_over_the_upload_limit_is_refused_and_leaves_nothing() {
+    // No container runs here: one simulated node is enough for the import to be accepted.
+    let cluster = Cluster::start_configured(1, |c| c.max_upload_bytes = 1024);
+    let archive = cluster.dir.path().join("big.tar");
+    std::fs::write(&archive, vec![b'x'; 4096]).expect("writing the archive");
+    let path = archive.to_str().expect("utf-8 path");
+
+    // A file announces its size: refused before a byte is spooled.
+    let ran = cluster.run(&["image", "import", path]);
+    assert_eq!(ran.code, 1, "{ran:#?}");
+    assert!(
+        ran.stderr
+            .contains("larger than the scheduler's upload limit of 1024 bytes"),
+        "{ran:#?}"
+    );
+    assert!(ran.stderr.contains("--max-upload-size"), "{ran:#?}");
+
+    // Standard input announces nothing: refused once the spool passes the limit.
+    let out = cluster
+        .gantry()
+        .args(["image", "import", "-"])
+        .write_stdin(vec![b'x'; 4096])
+        .output()
+        .expect("running gantry");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("upload limit of 1024 bytes"), "{stderr}");
+    assert!(
+        upload_dir_entries(&cluster).is_empty(),
+        "{:?}",
+        upload_dir_entries(&cluster)
+    );
+}
+
+#[test]
 fn images_are_pulled_from_a_registry_through_the_scheduler() {
     if !can_run("image pull") {
         return;

@@ -113,19 +113,25 @@ impl Cluster {
 
     /// A scheduler with `nodes` simulated nodes built by `agent(name)`, all Ready.
     pub fn start_with(nodes: usize, agent: impl Fn(String) -> SimConfig) -> Self {
-        Self::start_on(nodes, agent, false, "127.0.0.1:0")
+        Self::start_on(nodes, agent, false, "127.0.0.1:0", |_| {})
+    }
+
+    /// [`Cluster::start`] with the scheduler's settings changed by `tweak`.
+    pub fn start_configured(nodes: usize, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on(nodes, SimConfig::new, false, "127.0.0.1:0", tweak)
     }
 
     /// A scheduler without simulated nodes listening on `listen` (`IP:0`), for real agents
     /// reaching it from network namespaces the test made.
     pub fn start_listening(listen: &str) -> Self {
-        Self::start_on(0, SimConfig::new, false, listen)
+        Self::start_on(0, SimConfig::new, false, listen, |_| {})
     }
 
     /// A scheduler on a real etcd (started here, on loopback) with `nodes` default simulated
     /// nodes. `None` where etcd is missing and the test may skip (never under `CI=true`).
     pub fn start_on_etcd(nodes: usize) -> Option<Self> {
-        etcd::etcd_available().then(|| Self::start_on(nodes, SimConfig::new, true, "127.0.0.1:0"))
+        etcd::etcd_available()
+            .then(|| Self::start_on(nodes, SimConfig::new, true, "127.0.0.1:0", |_| {}))
     }
 
     fn start_on(
@@ -133,6 +139,7 @@ impl Cluster {
         agent: impl Fn(String) -> SimConfig,
         on_etcd: bool,
         listen: &str,
+        tweak: impl FnOnce(&mut Config),
     ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -155,6 +162,7 @@ impl Cluster {
             };
             let mut config = Config::new(listen.parse().expect("addr"), data.clone());
             config.cluster_cidr = next_cluster_cidr();
+            tweak(&mut config);
             let (bound_tx, bound_rx) = oneshot::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let server = tokio::spawn(run_with_store(
