@@ -445,10 +445,12 @@ impl Task {
         // The container holds its root filesystem now; the node's mount of it can go.
         let images = self.env.images.clone();
         let id = self.id.clone();
-        match tokio::task::spawn_blocking(move || images.detach_rootfs(&id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => warn!(instance = %self.id, %err, "detaching the root filesystem"),
-            Err(err) => warn!(instance = %self.id, %err, "detaching the root filesystem"),
+        let detached = tokio::task::spawn_blocking(move || images.detach_rootfs(&id))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(err) = detached {
+            warn!(instance = %self.id, %err, "detaching the root filesystem");
         }
         if bare_netns && let ContainerState::Created { pid } = created.state {
             // Nothing else sets up a `none` namespace, and a new one has its loopback down:

@@ -933,8 +933,6 @@ impl Runtime for BuiltinRuntime {
     }
 }
 
-/// Opens (creating) `path` and takes an exclusive flock on it without waiting; `None` when
-/// another process holds it.
 /// Mounts a tmpfs on the containers directory unless one is there. A directory that already
 /// holds containers on disk (left by an agent that kept them there) stays as it is: mounting
 /// over it would hide them.
@@ -975,6 +973,8 @@ fn remove_logs(log_root: &Path, id: &str) -> Result<(), RuntimeError> {
     }
 }
 
+/// Opens (creating) `path` and takes an exclusive flock on it without waiting; `None` when
+/// another process holds it.
 fn lock_file(path: &Path) -> Result<Option<std::fs::File>, RuntimeError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
