@@ -243,7 +243,7 @@ fn unmount(target: &Path) -> Result<(), RootfsError> {
 }
 
 /// The file in a container's directory that records its hold.
-const HOLD_FILE: &str = "hold.json";
+pub(crate) const HOLD_FILE: &str = "hold.json";
 
 /// Records `hold` in container directory `dir` (created), before its rootfs is made. No fsync:
 /// a hold has to outlive the agent, which the page cache does; after a machine crash the

@@ -343,7 +343,7 @@ impl ImageStore {
         // Holds an older agent kept in the index file move to their containers' directories.
         for (container, hold) in &index.holds {
             let dir = containers_dir.join(container);
-            if dir.is_dir() && !dir.join("hold.json").exists() {
+            if dir.is_dir() && !dir.join(super::rootfs::HOLD_FILE).exists() {
                 super::rootfs::write_hold(&dir, hold)?;
             }
         }

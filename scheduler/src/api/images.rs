@@ -188,6 +188,31 @@ enum Outcome {
     Failed(Status),
 }
 
+/// One node's answer while a push or save looks for a node holding the image: `None` to try
+/// the next node (this one lacks the image or cannot be asked, and no node was named; an
+/// unavailable one goes to `left`), else the reply or the status that ends the call.
+fn first_holder(
+    outcome: Outcome,
+    named: bool,
+    reference: &str,
+    node: &str,
+    left: &mut Vec<pb::UnavailableNode>,
+) -> Option<Result<pb::ImageReply, Status>> {
+    match outcome {
+        Outcome::Done(reply) => Some(Ok(reply)),
+        Outcome::Missing if !named => None,
+        Outcome::Missing => Some(Err(Status::not_found(format!(
+            "image {reference} not found on node {node}; see `gantry image ls`"
+        )))),
+        Outcome::Unavailable(entry) if !named => {
+            left.push(entry);
+            None
+        }
+        Outcome::Unavailable(entry) => Some(Err(Status::failed_precondition(entry.message))),
+        Outcome::Failed(status) => Some(Err(status)),
+    }
+}
+
 fn outcome(
     shared: &Shared,
     node: &NodeView,
@@ -587,29 +612,21 @@ impl Images for ImagesService {
                         let _ = tx.try_send(Ok(event));
                     })
                     .await;
-                let last = match outcome(&shared, &node, answer) {
-                    Outcome::Done(reply) => Ok(pb::PushImageEvent {
-                        node: name.clone(),
-                        layers: Vec::new(),
-                        result: Some(pb::PushImageResult {
-                            node: name.clone(),
-                            digest: reply.digest,
-                            pushed_blobs: reply.pushed_blobs,
-                            existing_blobs: reply.existing_blobs,
-                            pushed_bytes: reply.pushed_bytes,
-                        }),
-                    }),
-                    Outcome::Missing if !named => continue,
-                    Outcome::Missing => Err(Status::not_found(format!(
-                        "image {reference} not found on node {name}; see `gantry image ls`"
-                    ))),
-                    Outcome::Unavailable(entry) if !named => {
-                        left.push(entry);
-                        continue;
-                    }
-                    Outcome::Unavailable(entry) => Err(Status::failed_precondition(entry.message)),
-                    Outcome::Failed(status) => Err(status),
+                let answer = outcome(&shared, &node, answer);
+                let Some(answer) = first_holder(answer, named, &reference, &name, &mut left) else {
+                    continue;
                 };
+                let last = answer.map(|reply| pb::PushImageEvent {
+                    node: name.clone(),
+                    layers: Vec::new(),
+                    result: Some(pb::PushImageResult {
+                        node: name.clone(),
+                        digest: reply.digest,
+                        pushed_blobs: reply.pushed_blobs,
+                        existing_blobs: reply.existing_blobs,
+                        pushed_bytes: reply.pushed_bytes,
+                    }),
+                });
                 let _ = tx.send(last).await;
                 return;
             }
@@ -655,21 +672,14 @@ impl Images for ImagesService {
                     .await;
                 // The delivery is over once the agent replies: the slot goes.
                 drop(guard);
-                let status = match outcome(&shared, &node, answer) {
-                    // The tarball is whole: ending the stream says so.
-                    Outcome::Done(_) => return,
-                    Outcome::Missing if !named => continue,
-                    Outcome::Missing => Status::not_found(format!(
-                        "image {reference} not found on node {name}; see `gantry image ls`"
-                    )),
-                    Outcome::Unavailable(entry) if !named => {
-                        left.push(entry);
-                        continue;
-                    }
-                    Outcome::Unavailable(entry) => Status::failed_precondition(entry.message),
-                    Outcome::Failed(status) => status,
+                let answer = outcome(&shared, &node, answer);
+                let Some(answer) = first_holder(answer, named, &reference, &name, &mut left) else {
+                    continue;
                 };
-                let _ = tx.send(Err(status)).await;
+                // A whole tarball is said by ending the stream.
+                if let Err(status) = answer {
+                    let _ = tx.send(Err(status)).await;
+                }
                 return;
             }
             let _ = tx.send(Err(none_holds("save", &reference, &left))).await;
